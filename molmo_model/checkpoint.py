@@ -1,0 +1,183 @@
+"""Checkpoints in Ai2's layout: safetensors weights named as in Molmo's releases, an HF
+`config.json` (with our vision/geometry extras) and the tokenizer files, in one folder.
+
+Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
+Saving is atomic: files are written to a temporary sibling folder that is renamed at the end.
+
+    molmo init --preset tiny --out /tmp/tiny      # random weights, real geometry
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from molmo_model.config import MolmoConfig, get_preset
+from molmo_model.model import MolmoForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    return files
+
+
+def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (Ai2 name, tensor) for every tensor in a checkpoint folder (sharded or not)."""
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def check_state_dict(
+    expected: dict[str, torch.Size], found: dict[str, torch.Size], where: str
+) -> None:
+    """Raises CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    bad = sorted(
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(found)
+        if tuple(expected[k]) != tuple(found[k])
+    )
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if bad:
+        problems.append("mis-shaped tensors: " + "; ".join(bad))
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match its config: " + " | ".join(problems))
+
+
+def _tokenizer_ids(tokenizer) -> int | None:
+    return None if tokenizer is None else tokenizer.im_patch_id
+
+
+def save_checkpoint(
+    model: MolmoForCausalLM,
+    out_dir: str | Path,
+    tokenizer=None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 4 << 30,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Writes config.json, model*.safetensors and the tokenizer files to out_dir, atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    dtype = dtype or cfg.torch_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {
+            k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
+        }
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {}}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                index["weight_map"].update({k: name for k in shard})
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+        hf = cfg.to_hf_dict()
+        hf["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    with_tokenizer: bool = True,
+):
+    """Returns (model, config, tokenizer or None). Strict about tensor names and shapes."""
+    from molmo_model.tokenizer import MolmoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json")
+    config = MolmoConfig.load(path)
+    tokenizer = MolmoTokenizer.from_dir(path) if with_tokenizer else None
+    with torch.device("meta"):
+        model = MolmoForCausalLM(config, im_patch_id=_tokenizer_ids(tokenizer))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    weights = dict(iter_weights(path))
+    check_state_dict(expected, {k: v.shape for k, v in weights.items()}, str(path))
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(device), config, tokenizer
+
+
+def init_checkpoint(
+    preset: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    std: float = 0.02,
+    dtype: str = "float32",
+    config: MolmoConfig | None = None,
+) -> Path:
+    """Writes a random-weight checkpoint with our tokenizer (vocab sized to it)."""
+    from molmo_model.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    if config is None:
+        config = get_preset(preset)
+        config.llm.vocab_size = config.llm.embedding_size = tok.embedding_size
+    elif config.llm.embedding_size != tok.embedding_size:
+        raise ValueError(
+            f"config embedding_size {config.llm.embedding_size} != tokenizer's {tok.embedding_size}"
+        )
+    config.torch_dtype = dtype
+    torch.manual_seed(seed)
+    model = MolmoForCausalLM(config, im_patch_id=tok.im_patch_id).init_weights(std=std, seed=seed)
+    return save_checkpoint(model, out_dir, tok, dtype=dtype)
