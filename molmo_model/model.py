@@ -45,7 +45,11 @@ class MolmoEmbedding(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, torch.cat([self.embedding, self.new_embedding], dim=0))
+        # Two lookups and a select, rather than concatenating the tables on every call.
+        n = self.embedding.shape[0]
+        base = F.embedding(ids.clamp(max=n - 1), self.embedding)  # [B, S, d]
+        extra = F.embedding((ids - n).clamp(min=0), self.new_embedding)  # [B, S, d]
+        return torch.where((ids >= n)[..., None], extra, base)
 
 
 def rope_cos_sin(
