@@ -1,0 +1,1 @@
+"""Training side of Molmo: data (synthetic generators, the JSONL loader) and, later, the trainer."""

@@ -1,0 +1,98 @@
+"""Pieces shared by the synthetic generators (`shapes.py`, `clocks.py`).
+
+Seeded random streams, backgrounds (solid, gradient, noise), chat turns, and the paper's
+caption length hints (`long_caption 83:`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+from PIL import Image
+
+BACKGROUNDS = ("solid", "gradient", "noise")
+# Muted backgrounds, far from every object colour in shapes.COLOURS.
+BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (246, 246, 242),
+    "light grey": (205, 205, 205),
+    "cream": (240, 231, 204),
+    "pale blue": (206, 222, 240),
+    "pale green": (213, 234, 213),
+    "beige": (222, 208, 180),
+    "dark grey": (68, 68, 72),
+    "navy": (26, 32, 64),
+}
+
+
+def rng_for(seed: int, stream: str) -> random.Random:
+    """An independent random stream per (seed, purpose).
+
+    Separate streams keep, e.g., the questions from shifting the drawing. String seeds go
+    through SHA-512, so they do not depend on PYTHONHASHSEED.
+    """
+    return random.Random(f"{stream}:{seed}")
+
+
+def check_range(name: str, value: tuple[float, float], low: float = 0.0) -> None:
+    """Raise ValueError naming `name` unless value is (min, max) with low <= min <= max."""
+    if len(value) != 2 or not low <= value[0] <= value[1]:
+        raise ValueError(f"{name} must be (min, max) with {low} <= min <= max, got {value}")
+
+
+def check_subset(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {values}")
+
+
+def render_background(
+    width: int, height: int, style: str, rng: random.Random
+) -> tuple[Image.Image, str]:
+    """A solid, gradient or noisy RGB background and a phrase describing it."""
+    name = rng.choice(sorted(BACKGROUND_COLOURS))
+    base = np.array(BACKGROUND_COLOURS[name], dtype=np.float32)
+    if style == "solid":
+        return Image.new(
+            "RGB", (width, height), BACKGROUND_COLOURS[name]
+        ), f"a plain {name} background"
+    if style == "gradient":
+        other = rng.choice(sorted(set(BACKGROUND_COLOURS) - {name}))
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        xs = np.arange(width, dtype=np.float32)[None, :] * math.cos(angle)  # [1, W]
+        ys = np.arange(height, dtype=np.float32)[:, None] * math.sin(angle)  # [H, 1]
+        t = xs + ys  # [H, W]
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)  # [H, W] in [0, 1]
+        end = np.array(BACKGROUND_COLOURS[other], dtype=np.float32)
+        pixels = base + (end - base) * t[..., None]  # [H, W, 3]
+        phrase = f"a background fading from {name} to {other}"
+    elif style == "noise":
+        noise = np.random.default_rng(rng.getrandbits(64))
+        sd = rng.uniform(6.0, 18.0)
+        pixels = base + sd * noise.standard_normal((height, width, 3), dtype=np.float32)
+        phrase = f"a grainy {name} background"
+    else:
+        raise ValueError(f"background style must be one of {BACKGROUNDS}, got {style!r}")
+    array = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # [H, W, 3]
+    return Image.fromarray(array, "RGB"), phrase
+
+
+def chat(question: str, answer: str) -> list[dict[str, str]]:
+    """One user turn and one assistant turn."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def length_hint(text: str, rng: random.Random) -> int:
+    """The paper's noisy length hint: (characters + N(0, 25)) // 15, at least 0."""
+    return max(0, int((len(text) + rng.gauss(0.0, 25.0)) // 15))
+
+
+def caption_prompt(
+    caption: str, rng: random.Random, hint_prob: float = 0.9
+) -> tuple[str, int | None]:
+    """(`long_caption 83:`, 83) `hint_prob` of the time, else (`long_caption:`, None)."""
+    if rng.random() < hint_prob:
+        hint = length_hint(caption, rng)
+        return f"long_caption {hint}:", hint
+    return "long_caption:", None
