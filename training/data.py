@@ -25,7 +25,8 @@ One JSON object per line, one line per image (blank lines are skipped):
 A line's fields:
 
 - `image` (required, string): the image file. A relative path is relative to the folder of
-  the JSONL file. Any format Pillow reads; EXIF rotation is applied; loaded as RGB.
+  the JSONL file. Any format Pillow reads; loaded by `molmo_model.images.load_image` (EXIF
+  rotation applied, converted to RGB, transparency composited on white).
 - `annotations` (required, non-empty list): the chats about this image, below.
 - `metadata` (optional, object): anything JSON; handed through untouched as
   `Example.metadata` (the synthetic splits keep every object, or the clock geometry, here).
@@ -67,9 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from molmo_model.images import ImageError, load_image
 from molmo_model.points import format_points
 from training.records import ROLES, Annotation, Example
 from training.synthetic import SPLITS, SyntheticConfig, make_example, split_seed
@@ -212,11 +213,9 @@ def read_jsonl(path: str | Path, check_images: bool = True) -> list[JsonlRecord]
 def load_record(record: JsonlRecord) -> Example:
     """Open the image of a validated record and build any answers from points."""
     try:
-        with Image.open(record.image_path) as im:
-            image = ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as e:
-        problem = f"cannot read {record.image_path}: {e}"
-        raise _error(record.source, record.line, problem, "image") from None
+        image = load_image(record.image_path)
+    except ImageError as e:
+        raise _error(record.source, record.line, str(e), "image") from None
     width, height = image.size
     annotations = []
     for i, ann in enumerate(record.annotations):
