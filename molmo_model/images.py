@@ -9,7 +9,8 @@
 * converts every mode to 8-bit RGB. Transparent images (RGBA, LA, PA, P with a transparent
   colour, premultiplied RGBa/La) are composited on WHITE, the way a viewer shows them on a
   page: dropping alpha instead exposes whatever colour the encoder left in invisible pixels
-  (often black), which is not what the user saw. 16-bit and 32-bit images (I;16*, I, F) are
+  (often black), which is not what the user saw (Ai2's Molmo model card also advises
+  putting transparent images on a background first). 16-bit and 32-bit images (I;16*, I, F) are
   scaled to 8 bits instead of being clipped at 255 (PIL's own conversion clips);
 * raises `ImageError` (a `ValueError`) with a message meant for the user for anything it
   cannot turn into a picture; no PIL exception escapes.
