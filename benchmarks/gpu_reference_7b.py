@@ -113,7 +113,6 @@ def main() -> int:
     inp = inputs[0]
     images = inp.images.to(dev, dtype)
     masks = inp.image_masks.to(dev)
-    order = inp.patch_order.to(dev)
     input_ids = torch.tensor([ids], device=dev)
     res["prompt_tokens"], res["crops"] = len(ids), int(images.shape[0])
 

@@ -7,7 +7,12 @@ import json
 import pytest
 import torch
 
-from molmo_model.checkpoint import CheckpointError, init_checkpoint, load_checkpoint, save_checkpoint
+from molmo_model.checkpoint import (
+    CheckpointError,
+    init_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from molmo_model.config import MolmoConfig, get_preset, tiny
 from molmo_model.generate import generate
 from molmo_model.model import KVCache, MolmoForCausalLM
@@ -190,7 +195,7 @@ def test_greedy_generation_matches_argmax_of_full_forward(model: MolmoForCausalL
     out = generate(model, ids[0].tolist(), [img], max_new_tokens=6, return_logprobs=True)
     seq = ids.clone()
     with torch.no_grad():
-        for tok, lp in zip(out.tokens, out.logprobs):
+        for tok, lp in zip(out.tokens, out.logprobs, strict=True):
             logits = model(seq, images, masks, order).logits[0, -1]
             assert int(logits.argmax()) == tok
             torch.testing.assert_close(lp, torch.log_softmax(logits, -1), atol=1e-4, rtol=1e-4)
@@ -271,7 +276,7 @@ def test_sharded_save_loads(tmp_path):
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     m2, _, _ = load_checkpoint(out)
-    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
 
 
