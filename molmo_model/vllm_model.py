@@ -1,0 +1,396 @@
+"""Molmo as a vLLM model: our vision backbone + a decoder built from vLLM's paged layers.
+
+The vision tower and connector are `molmo_model.vision.MolmoVisionBackbone`, reused as it
+is (its attention pooling calls `kernels.attention_pool`). The decoder is written with vLLM's
+tensor-parallel layers so that it runs on vLLM's paged KV cache:
+
+    Ai2 module (checkpoint)            vLLM layer here
+    transformer.wte (+new_embedding)   VocabParallelEmbedding [embedding_size + 128, d]
+    blocks.i.att_proj (bias)           QKVParallelLinear, then get_rope (NeoX) + Attention
+    blocks.i.attn_out                  RowParallelLinear
+    blocks.i.attn_norm / ff_norm       RMSNorm (fused residual add)
+    blocks.i.ff_proj -> (x, gate)      MergedColumnParallelLinear loaded as (gate, x) + SiluAndMul
+    blocks.i.ff_out                    RowParallelLinear
+    transformer.ln_f                   RMSNorm
+    transformer.ff_out (untied head)   ParallelLMHead + LogitsProcessor over embedding_size
+
+Module names mirror Ai2's (`transformer.blocks.0.att_proj`, `vision_backbone.image_vit...`),
+so the weight table (`_SPECIAL_WEIGHTS`) is short: strip the leading `model.`, concatenate
+the two embedding tables, swap ff_proj's halves. Loading is strict: every checkpoint tensor
+is checked against the shapes of the PyTorch reference model built from the same config,
+and any missing, unexpected or mis-shaped tensor raises an error naming it.
+
+As in Ai2's code (and our reference model), image features are ADDED to the embeddings of
+the `<im_patch>` tokens; they do not replace them. Processor side: molmo_model/vllm_processor.py.
+Registered with vLLM by molmo_model/vllm_adapter.py (`register()`); no pipeline parallelism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypedDict
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.utils import maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from molmo_model.config import LLMConfig, MolmoConfig
+from molmo_model.vision import MolmoVisionBackbone
+from molmo_model.vllm_processor import (
+    MolmoDummyInputsBuilder,
+    MolmoMultiModalProcessor,
+    MolmoProcessingInfo,
+    molmo_config_of,
+)
+
+
+class MolmoImageKwargs(TypedDict):
+    """What the processor hands the model for a batch of images (crops concatenated).
+
+    images:          [C, 576, 588]  CLIP-normalized patches of every crop of every image
+    image_masks:     [C, 576]       fraction of image (non-padding) pixels per patch
+    patch_order:     [M]            per image, in token order, index of each <im_patch>
+                                    token's feature in that image's pooled features [c_i * 144]
+    num_crops:       [n_images]     c_i
+    num_patches:     [n_images]     number of <im_patch> tokens of image i
+    """
+
+    images: torch.Tensor
+    image_masks: torch.Tensor
+    patch_order: torch.Tensor
+    num_crops: torch.Tensor
+    num_patches: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class MolmoBlock(nn.Module):
+    """Pre-norm block: x += attn_out(attn(rope(att_proj(attn_norm(x)))));
+    x += ff_out(act(ff_proj(ff_norm(x))))."""
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        if cfg.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads={cfg.num_attention_heads} is not divisible by the "
+                f"tensor-parallel size {tp}"
+            )
+        self.head_dim = cfg.head_dim
+        num_heads = cfg.num_attention_heads // tp
+        num_kv_heads = max(1, cfg.num_key_value_heads // tp)  # replicated when kv < tp
+        self.q_size = num_heads * self.head_dim
+        self.kv_size = num_kv_heads * self.head_dim
+
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.att_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            self.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=cfg.qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.att_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=cfg.max_position_embeddings,
+            is_neox_style=True,  # Qwen2 / Molmo rotate halves, not interleaved pairs
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        )
+        self.attn = Attention(
+            num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+        self.attn_out = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn_out",
+        )
+
+        self.ff_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # Shard 0 holds Ai2's gate half and shard 1 its x half (swapped at load time), so
+        # SiluAndMul's silu(first) * second equals Ai2's x * silu(gate).
+        self.ff_proj = MergedColumnParallelLinear(
+            cfg.hidden_size,
+            [cfg.mlp_hidden_size] * 2,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.ff_proj",
+        )
+        self.act = SiluAndMul()
+        self.ff_out = RowParallelLinear(
+            cfg.mlp_hidden_size,
+            cfg.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.ff_out",
+        )
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # vLLM's RMSNorm(x, residual) returns (norm(x + residual), x + residual).
+        if residual is None:
+            residual, x = x, self.attn_norm(x)
+        else:
+            x, residual = self.attn_norm(x, residual)
+        qkv, _ = self.att_proj(x)  # [T, (Hq + 2 Hkv) * D / tp]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        x, _ = self.attn_out(self.attn(q, k, v))
+        x, residual = self.ff_norm(x, residual)
+        up, _ = self.ff_proj(x)  # [T, 2 * mlp_hidden / tp]
+        x, _ = self.ff_out(self.act(up))
+        return x, residual
+
+
+# Token-count dimensions vary between steps (annotations are strings here, so name them).
+@support_torch_compile(
+    dynamic_arg_dims={
+        "input_ids": {0: "tokens"},
+        "positions": {-1: "tokens"},
+        "intermediate_tensors": {0: "tokens"},
+        "inputs_embeds": {0: "tokens"},
+    }
+)
+class MolmoTransformer(nn.Module):
+    """The decoder: `wte`, `blocks`, `ln_f`; also owns the untied head `ff_out` (used by
+    `MolmoForCausalLM.compute_logits`, not by `forward`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = molmo_config_of(vllm_config.model_config.hf_config).llm
+        cache_config = vllm_config.cache_config
+        quant_config = vllm_config.quant_config
+        self.cfg = cfg
+        self.wte = VocabParallelEmbedding(
+            cfg.total_vocab_size, cfg.hidden_size, quant_config=quant_config, prefix=f"{prefix}.wte"
+        )
+        self.blocks = nn.ModuleList(
+            MolmoBlock(cfg, cache_config, quant_config, prefix=f"{prefix}.blocks.{i}")
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.ln_f = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ff_out = ParallelLMHead(
+            cfg.embedding_size,
+            cfg.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.ff_out",
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)  # [T, d]
+        residual = None
+        for block in self.blocks:
+            x, residual = block(positions, x, residual)
+        x, _ = self.ln_f(x, residual)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight table: Ai2 checkpoint names -> this module's parameters.
+# ---------------------------------------------------------------------------------------------
+
+_EMBEDDING = "model.transformer.wte.embedding"
+_NEW_EMBEDDING = "model.transformer.wte.new_embedding"
+# Tensors that do not map one-to-one: the two embedding tables become one parameter.
+_SPECIAL_WEIGHTS = {
+    _EMBEDDING: "transformer.wte.weight",
+    _NEW_EMBEDDING: "transformer.wte.weight",
+}
+
+
+def vllm_param_name(ai2_name: str) -> str:
+    """Ai2 weight name -> parameter name in `MolmoForCausalLM` below."""
+    if ai2_name in _SPECIAL_WEIGHTS:
+        return _SPECIAL_WEIGHTS[ai2_name]
+    if not ai2_name.startswith("model."):
+        return ai2_name  # unknown: reported as unexpected by the caller
+    return ai2_name[len("model.") :]
+
+
+def _is_ff_proj(ai2_name: str) -> bool:
+    return ai2_name.startswith("model.transformer.blocks.") and ai2_name.endswith(".ff_proj.weight")
+
+
+def expected_checkpoint_shapes(config: MolmoConfig) -> dict[str, torch.Size]:
+    """Ai2 name -> shape, from the PyTorch reference model built on the meta device."""
+    from molmo_model.model import MolmoForCausalLM as ReferenceModel
+
+    with torch.device("meta"):
+        ref = ReferenceModel(config)
+    return {k: v.shape for k, v in ref.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM model
+# ---------------------------------------------------------------------------------------------
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    MolmoMultiModalProcessor, info=MolmoProcessingInfo, dummy_inputs=MolmoDummyInputsBuilder
+)
+class MolmoForCausalLM(nn.Module, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return "<|image|>"
+        raise ValueError(f"Molmo accepts images only, not {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.molmo_config = molmo_config_of(vllm_config.model_config.hf_config)
+        cfg = self.molmo_config.llm
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_backbone = MolmoVisionBackbone(self.molmo_config)
+        with self._mark_language_model(vllm_config):
+            self.transformer = MolmoTransformer(
+                vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer")
+            )
+        self.logits_processor = LogitsProcessor(cfg.embedding_size)
+        self.tokens_per_crop = self.molmo_config.preprocess.tokens_per_side**2
+
+    # ---- images ----
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """One tensor per image: [num_patches_i, d], the features of its `<im_patch>` tokens
+        in token order."""
+        images = kwargs.get("images")
+        if images is None:
+            return []
+        masks = kwargs["image_masks"]
+        order = kwargs["patch_order"]
+        num_crops = [int(n) for n in torch.as_tensor(kwargs["num_crops"]).reshape(-1)]
+        num_patches = [int(n) for n in torch.as_tensor(kwargs["num_patches"]).reshape(-1)]
+        assert isinstance(images, torch.Tensor) and isinstance(masks, torch.Tensor)
+        assert isinstance(order, torch.Tensor)
+        feats = self.vision_backbone(images, masks)  # [C, 144, d]
+        out = []
+        for f, o in zip(feats.split(num_crops), order.split(num_patches), strict=True):
+            out.append(f.flatten(0, 1)[o.to(f.device)])  # [c_i * 144, d] -> [num_patches_i, d]
+        return out
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.transformer.embed_input_ids(input_ids)  # [T, d]
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return x
+        assert is_multimodal is not None
+        feats = torch.cat(list(multimodal_embeddings)).to(x.dtype)  # [M, d]
+        where = is_multimodal.to(x.device)
+        if int(where.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"{int(where.sum())} <im_patch> positions but {feats.shape[0]} image features"
+            )
+        # Ai2 adds the image features to the <im_patch> token embeddings.
+        x[where] = x[where] + feats
+        return x
+
+    # ---- decoder ----
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.transformer.ff_out, hidden_states)
+
+    # ---- weights ----
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads Ai2-named tensors; raises ValueError naming every missing, unexpected or
+        mis-shaped tensor."""
+        from molmo_model.checkpoint import check_state_dict
+
+        expected = expected_checkpoint_shapes(self.molmo_config)
+        params = dict(self.named_parameters())
+        found: dict[str, torch.Size] = {}
+        tables: dict[str, torch.Tensor] = {}
+        loaded: set[str] = set()
+        for name, w in weights:
+            found[name] = w.shape
+            if name not in expected or tuple(expected[name]) != tuple(w.shape):
+                continue  # reported below
+            if name in (_EMBEDDING, _NEW_EMBEDDING):
+                tables[name] = w
+                continue
+            target = vllm_param_name(name)
+            if target not in params:
+                # The vision tower is not built when images are disabled (limit 0).
+                if target.startswith("vision_backbone."):
+                    continue
+                raise ValueError(f"checkpoint tensor {name} has no parameter {target}")
+            p = params[target]
+            if _is_ff_proj(name):
+                x_half, gate_half = w.chunk(2, dim=0)
+                p.weight_loader(p, gate_half, 0)
+                p.weight_loader(p, x_half, 1)
+            else:
+                getattr(p, "weight_loader", default_weight_loader)(p, w)
+            loaded.add(target)
+        check_state_dict(expected, found, "given to vLLM")
+        wte = params["transformer.wte.weight"]
+        wte.weight_loader(wte, torch.cat([tables[_EMBEDDING], tables[_NEW_EMBEDDING]], dim=0))
+        loaded.add("transformer.wte.weight")
+        not_loaded = sorted(set(params) - loaded)
+        if not_loaded:
+            raise ValueError(
+                "parameters not initialized from the checkpoint: " + ", ".join(not_loaded)
+            )
+        return loaded

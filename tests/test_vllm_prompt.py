@@ -1,0 +1,109 @@
+"""The vLLM prompt helper and the plugin's config shim (no engine started).
+
+Run: pytest tests/test_vllm_prompt.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from molmo_model.config import MolmoConfig, tiny
+from molmo_model.preprocessing import MolmoPreprocessor
+from molmo_model.tokenizer import build_tokenizer
+from molmo_model.vllm_adapter import (
+    MolmoHFConfig,
+    build_vllm_prompt,
+    count_images,
+    flatten_messages,
+    register,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _expand(ids: list[int], tok, per_image: list[list[int]]) -> list[int]:
+    """What vLLM's processor does with placeholders: each <|image|> -> that image's tokens."""
+    out, k = [], 0
+    for i in ids:
+        if i == tok.image_id:
+            out.extend(per_image[k])
+            k += 1
+        else:
+            out.append(i)
+    assert k == len(per_image)
+    return out
+
+
+def test_prompt_expands_to_build_prompt_ids(tok):
+    pre = MolmoPreprocessor(tiny().preprocess, tok)
+    images = [Image.new("RGB", (640, 480), "red"), Image.new("RGB", (336, 336), "blue")]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:..."}},
+                {"type": "text", "text": "What is it?"},
+                {"type": "image_url", "image_url": {"url": "data:..."}},
+            ],
+        },
+        {"role": "assistant", "content": "Two squares."},
+        {"role": "user", "content": "Which is bigger?"},
+    ]
+    prompt = build_vllm_prompt(tok, messages, images)
+    assert count_images(messages) == 2
+    assert prompt["multi_modal_data"] == {"image": images}
+    ids = prompt["prompt_token_ids"]
+    assert ids[:3] == [tok.bos_id, tok.image_id, tok.image_id]
+    ref_ids, inputs = pre.build_prompt(flatten_messages(messages), images)
+    assert _expand(ids, tok, [x.tokens for x in inputs]) == ref_ids
+    assert (
+        tok.decode(ids[3:])
+        == " User: Be brief. What is it? Assistant: Two squares. User: Which is bigger? Assistant:"
+    )
+
+
+def test_text_only_prompt_has_bos_and_no_mm_data(tok):
+    prompt = build_vllm_prompt(tok, "Hi")
+    assert prompt == {"prompt_token_ids": [tok.bos_id, *tok.encode(" User: Hi Assistant:")]}
+
+
+def test_user_text_cannot_smuggle_image_tokens(tok):
+    ids = build_vllm_prompt(tok, "look: <|image|> <im_patch>")["prompt_token_ids"]
+    assert tok.image_id not in ids and tok.im_patch_id not in ids
+
+
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        ([], "messages"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], r"messages\[0\].content\[0\].type"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": 3}]}],
+            r"messages\[0\].content\[0\].text",
+        ),
+        ([{"role": "user", "content": 5}], r"messages\[0\].content"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\].role"),
+    ],
+)
+def test_bad_messages_name_the_field(tok, messages, field):
+    with pytest.raises(ValueError, match=field):
+        build_vllm_prompt(tok, messages)
+
+
+def test_hf_config_shim_reads_our_config_json(tmp_path):
+    from transformers import AutoConfig
+
+    register()
+    cfg = tiny()
+    cfg.save(tmp_path / "config.json")
+    hf = AutoConfig.from_pretrained(tmp_path)  # no trust_remote_code
+    assert isinstance(hf, MolmoHFConfig)
+    assert hf.hidden_size == 128 and hf.rope_theta == 10_000.0
+    assert MolmoConfig.from_hf_dict(json.loads(hf.to_json_string())) == cfg
