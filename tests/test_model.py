@@ -129,8 +129,14 @@ def test_7b_d_parameter_names_and_shapes():
         "model.vision_backbone.image_vit.positional_embedding": (577, 1024),
         "model.vision_backbone.image_vit.patch_embedding.weight": (1024, 588),
         "model.vision_backbone.image_vit.pre_ln.weight": (1024,),
-        "model.vision_backbone.image_vit.transformer.resblocks.22.attention.wq.weight": (1024, 1024),
-        "model.vision_backbone.image_vit.transformer.resblocks.0.feed_forward.w1.weight": (4096, 1024),
+        "model.vision_backbone.image_vit.transformer.resblocks.22.attention.wq.weight": (
+            1024,
+            1024,
+        ),
+        "model.vision_backbone.image_vit.transformer.resblocks.0.feed_forward.w1.weight": (
+            4096,
+            1024,
+        ),
         "model.vision_backbone.image_vit.transformer.resblocks.0.ffn_norm.bias": (1024,),
         "model.vision_backbone.image_pooling_2d.wq.weight": (1024, 2048),
         "model.vision_backbone.image_pooling_2d.wo.bias": (1024,),
@@ -141,7 +147,9 @@ def test_7b_d_parameter_names_and_shapes():
     for k, shape in expect.items():
         assert sd[k] == shape, k
     assert not any("resblocks.23" in k for k in sd)
-    assert "model.transformer.blocks.0.att_proj.bias" in sd and not any(".attn_out.bias" in k for k in sd)
+    assert "model.transformer.blocks.0.att_proj.bias" in sd and not any(
+        ".attn_out.bias" in k for k in sd
+    )
 
 
 def test_image_features_are_added_at_patch_tokens(model: MolmoForCausalLM):
@@ -244,8 +252,10 @@ def test_save_load_identical_logits(tmp_path, model: MolmoForCausalLM):
     ids, images, masks, order = _inputs(m)
     with torch.no_grad():
         torch.testing.assert_close(
-            m2.eval()(ids, images, masks, order).logits, m(ids, images, masks, order).logits,
-            atol=0, rtol=0,
+            m2.eval()(ids, images, masks, order).logits,
+            m(ids, images, masks, order).logits,
+            atol=0,
+            rtol=0,
         )
 
 
@@ -287,4 +297,8 @@ def test_cli_init_writes_a_loadable_checkpoint(tmp_path):
     m, cfg, tok = load_checkpoint(tmp_path / "t")
     assert cfg.llm.embedding_size == tok.embedding_size
     assert m.im_patch_id == tok.im_patch_id
-    assert {p.name for p in (tmp_path / "t").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in (tmp_path / "t").iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
