@@ -1,0 +1,168 @@
+"""`molmo serve` / `python -m server`: parse flags, pick the model, run uvicorn.
+
+    python -m server --model DIR --port 8000 --api-key KEY --max-images 4 --enforce-eager
+
+With no --model the project's default model is served (see `default_model_dir`). SIGTERM
+(or Ctrl-C) stops accepting connections, lets in-flight requests finish for up to
+--shutdown-timeout seconds, cancels the rest (aborting them in the engine) and shuts the
+engine down. The exit code is 1 when the engine failed to start, 2 for a bad flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.config import ServerConfig
+
+DEFAULT_PRESET = "tiny"
+
+
+def default_model_dir() -> Path:
+    """The model `molmo serve` runs when given no --model.
+
+    For now: a random-weight `tiny` checkpoint, written once to ~/.cache/molmo-serve/tiny
+    (or $MOLMO_SERVE_CACHE/tiny). When the trained demo model exists, this function is the
+    one place to change.
+    """
+    from molmo_model.checkpoint import init_checkpoint
+
+    cache = Path(os.environ.get("MOLMO_SERVE_CACHE", Path.home() / ".cache" / "molmo-serve"))
+    out = cache / DEFAULT_PRESET
+    if not (out / "config.json").is_file():
+        tmp = cache / f".{DEFAULT_PRESET}.{os.getpid()}.tmp"
+        init_checkpoint(DEFAULT_PRESET, tmp)
+        try:
+            tmp.rename(out)  # atomic: a concurrent start either wins or finds it done
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig(model="-")
+    p = argparse.ArgumentParser(
+        prog="molmo serve",
+        description="Serve a Molmo checkpoint behind an OpenAI-compatible API with pointing.",
+    )
+    p.add_argument("--model", help="checkpoint folder (default: the project's default model)")
+    p.add_argument("--served-model-name", help="model id clients send (default: folder name)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MOLMO_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (env MOLMO_API_KEY)",
+    )
+    g = p.add_argument_group("request limits")
+    g.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    g.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (default: data: URLs only)",
+    )
+    g.add_argument("--remote-image-timeout", type=float, default=d.remote_image_timeout)
+    g.add_argument("--remote-image-max-bytes", type=int, default=d.remote_image_max_bytes)
+    g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="requests in flight at once; more get 429",
+    )
+    g.add_argument("--max-n", type=int, default=d.max_n, help="choices per chat request")
+    e = p.add_argument_group("engine (vLLM)")
+    e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    e.add_argument("--max-num-seqs", type=int, help="sequences batched at once")
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
+    e.add_argument("--dtype", default=d.dtype)
+    e.add_argument("--gpu-memory-utilization", type=float)
+    e.add_argument("--seed", type=int, default=d.seed)
+    e.add_argument("--disable-log-stats", action="store_true")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout,
+        help="seconds SIGTERM waits for in-flight requests",
+    )
+    p.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["critical", "error", "warning", "info", "debug"],
+    )
+    return p
+
+
+def config_from_args(argv: list[str]) -> ServerConfig:
+    args = vars(build_parser().parse_args(argv))
+    if args["model"] is None:
+        args["model"] = str(default_model_dir())
+    return ServerConfig(**args)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """Entry point of `molmo serve`; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_from_args(argv)
+    except ValueError as e:
+        print(f"molmo serve: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = create_app(config)
+    except ValueError as e:
+        print(f"molmo serve: error: {e}", file=sys.stderr)
+        return 2
+    server = _server_class()(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=config.shutdown_timeout,
+            access_log=False,
+        )
+    )
+    server.run()
+    if app.state.startup_error is not None:
+        return 1
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a signal that ended in a clean shutdown is not
+        raised again afterwards, so `serve` returns 0 instead of dying by SIGTERM."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server

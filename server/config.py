@@ -1,0 +1,71 @@
+"""ServerConfig: every setting of `molmo serve`, checked when it is built.
+
+A bad value raises ValueError naming the field, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    model: str  # checkpoint folder (config.json, weights, tokenizer.json)
+    served_model_name: str | None = None  # the `model` id clients send; default: folder name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+
+    # Request limits: a request over any of them gets a 4xx, never reaches the engine.
+    max_images: int = 4  # images per request (also vLLM's limit_mm_per_prompt)
+    max_image_pixels: int = 64_000_000  # width * height of one decoded image
+    max_body_bytes: int = 32 * 1024 * 1024  # HTTP request body
+    max_queue: int = 256  # requests admitted at once (running + waiting); more get 429
+    max_n: int = 16  # choices per chat request
+    allow_remote_images: bool = False  # fetch http(s) image URLs (off: data: URLs only)
+    remote_image_timeout: float = 10.0  # seconds for one remote image, connect to last byte
+    remote_image_max_bytes: int = 20 * 1024 * 1024  # size of one remote image
+
+    # Engine (vLLM) settings.
+    max_model_len: int | None = None  # context length; default: the model's
+    max_num_seqs: int | None = None  # sequences batched at once; default: vLLM's
+    enforce_eager: bool = False  # no graph capture / compilation (fast start, CPU tests)
+    dtype: str = "auto"
+    gpu_memory_utilization: float | None = None
+    seed: int = 0
+    disable_log_stats: bool = False
+
+    # Process.
+    shutdown_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: a checkpoint folder is required")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty")
+        positive = {
+            "max_images": self.max_images,
+            "max_image_pixels": self.max_image_pixels,
+            "max_body_bytes": self.max_body_bytes,
+            "max_queue": self.max_queue,
+            "max_n": self.max_n,
+            "remote_image_max_bytes": self.remote_image_max_bytes,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.remote_image_timeout <= 0:
+            raise ValueError(f"remote_image_timeout must be > 0, got {self.remote_image_timeout}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")

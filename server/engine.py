@@ -1,0 +1,74 @@
+"""vLLM's AsyncLLM for a Molmo checkpoint folder, and what the server reads from that folder.
+
+The engine runs in this process's event loop (its EngineCore in vLLM's worker processes);
+the Molmo model and its image processor come from our vLLM plugin
+(`molmo_model.vllm_adapter`, registered through the `vllm.general_plugins` entry point).
+`build_engine` blocks for the whole start-up (tens of seconds on a CPU), so the app calls it
+in a thread and answers /health with 503 until it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from molmo_model.config import MolmoConfig
+from server.config import ServerConfig
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the served checkpoint that the server needs without the engine."""
+
+    name: str  # the model id clients see
+    path: str
+    max_crops: int  # crops per image (image_token_count needs it)
+    max_position_embeddings: int
+
+    @classmethod
+    def from_dir(cls, path: str, served_name: str | None = None) -> ModelInfo:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model: {path} has no config.json (not a checkpoint folder)")
+        config = MolmoConfig.load(folder)
+        return cls(
+            name=served_name or folder.resolve().name,
+            path=str(folder),
+            max_crops=config.preprocess.max_crops,
+            max_position_embeddings=config.llm.max_position_embeddings,
+        )
+
+
+def engine_args(config: ServerConfig) -> Any:
+    """vLLM AsyncEngineArgs for `config` (imported lazily: vLLM is slow to import)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = {
+        "model": config.model,
+        "tokenizer": config.model,
+        "enforce_eager": config.enforce_eager,
+        "dtype": config.dtype,
+        "seed": config.seed,
+        "limit_mm_per_prompt": {"image": config.max_images},
+        "disable_log_stats": config.disable_log_stats,
+    }
+    if config.served_model_name:
+        kwargs["served_model_name"] = config.served_model_name
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return AsyncEngineArgs(**kwargs)
+
+
+def build_engine(config: ServerConfig) -> Any:
+    """Start vLLM's AsyncLLM (blocking; returns when the engine can take requests)."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(
+        engine_args(config), usage_context=UsageContext.OPENAI_API_SERVER
+    )

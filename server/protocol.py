@@ -1,0 +1,295 @@
+"""Request and response models: OpenAI's chat-completions schema plus Molmo's `points`.
+
+Requests are validated by pydantic; a field out of range becomes a 400 whose `param` names
+it (see app.py). `ChatCompletionRequest.to_sampling_params` turns a request into vLLM's
+SamplingParams. Unknown request fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# A 32x32 white PNG with a red square in the middle: the OpenAPI examples' image.
+_SMALL_PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAPklEQVR42mP8//8/Ay0BEwONwagFoxZQ"
+    "DlhwyjAykmYSjvw0GgejFoxaMGrBqAVDvD6gUntpNA5GLRgCFgAAUh4HP+ItnaQAAAAASUVORK5CYII="
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- chat request
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Request):
+    url: str = Field(description="data:image/...;base64,... URL, or http(s) when allowed")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": _SMALL_PNG}},
+                                {"type": "text", "text": "Point to the square."},
+                            ],
+                        }
+                    ],
+                    "max_tokens": 8,
+                }
+            ]
+        },
+    )
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extra sampling parameters.
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # 0 or -1: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)  # EOS and stop strings wait
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4:
+            raise ValueError("stop: at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop: stop sequences must not be empty")
+        if not all(_is_unicode(s) for s in stops):
+            raise ValueError("stop: stop sequences must be valid Unicode")
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+    def to_sampling_params(self, max_tokens: int, stream: bool) -> Any:
+        """vLLM SamplingParams for this request (`max_tokens` already resolved against the
+        context). Raises vLLM's validation error for combinations only vLLM checks."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = {
+            "n": self.n,
+            "max_tokens": max_tokens,
+            "stop": self.stop_list,
+            "seed": self.seed,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        }
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos or None,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        return SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------- chat response
+
+
+class PointOut(_Response):
+    """A point the model wrote, in pixels of the image it refers to and normalized 0-1."""
+
+    x: float | None = Field(description="pixels from the left edge; null if the image is unknown")
+    y: float | None = Field(description="pixels from the top edge; null if the image is unknown")
+    x_norm: float
+    y_norm: float
+    label: str | None = None
+    image_index: int = Field(0, description="0-based index of the image in the request")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    points: list[PointOut] = Field(default_factory=list)
+
+
+class Choice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# ---------------------------------------------------------------- pointing
+
+
+class PointRequest(_Request):
+    model_config = ConfigDict(
+        extra="ignore",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [{"image": _SMALL_PNG, "object": "squares", "max_tokens": 8}]
+        },
+    )
+
+    image: str = Field(description="data: URL or plain base64 of a JPEG/PNG/WebP/GIF image")
+    object: str = Field(min_length=1, max_length=1000, description="what to point at")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+
+
+class PixelPoint(_Response):
+    x: float
+    y: float
+    x_norm: float
+    y_norm: float
+
+
+class PointResponse(_Response):
+    id: str
+    model: str
+    points: list[PixelPoint]
+    count: int
+    text: str
+    usage: Usage
+
+
+# ---------------------------------------------------------------- models, errors
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "molmo-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

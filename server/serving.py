@@ -1,0 +1,551 @@
+"""The serving layer: a validated request -> engine -> response, SSE stream or APIError.
+
+Request path: admit (queue limit) -> images (fetch, decode, limits) -> prompt ids and the
+context check -> SamplingParams -> `AsyncLLM.generate`. Every client mistake becomes an
+APIError (4xx) before the engine sees the request; what the engine still refuses is mapped
+to a 4xx too. Only the server's own faults are 500s.
+
+Cancellation: the engine's generator always runs in a task of its own, so that a client
+disconnect (which cancels the route or the stream) cancels that task exactly once and
+vLLM's generator aborts the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from molmo_model.preprocessing import image_token_count
+from server.config import ServerConfig
+from server.engine import ModelInfo
+from server.errors import APIError, bad_request
+from server.images import ImageFetcher
+from server.metrics import ServerMetrics
+from server.points import pixel_points, points_in_answer
+from server.prompts import Tokenizer, parse_messages, point_messages, prompt_ids
+from server.protocol import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    PointRequest,
+    PointResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    random_id,
+)
+
+logger = logging.getLogger("server")
+
+POINT_MAX_TOKENS = 512  # default answer budget of /v1/point (40 points fit)
+_END = object()
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    prompt: dict[str, Any]  # {"prompt_token_ids", "multi_modal_data"?}
+    prompt_len: int  # tokens after the image placeholders are expanded
+    sizes: list[tuple[int, int]]  # (width, height) of each image, after EXIF
+
+
+@dataclass
+class _Timing:
+    t0: float  # request parsed (perf_counter)
+    first: float | None = None
+    last: float | None = None
+    gaps: list[tuple[float, int]] = field(default_factory=list)
+
+    def tokens(self, n: int) -> None:
+        now = time.perf_counter()
+        if n <= 0:
+            return
+        if self.first is None:
+            self.first = now
+            n -= 1  # the first token starts the inter-token clock
+        elif self.last is not None:
+            self.gaps.append((now - self.last, n))
+        self.last = now
+
+
+class Slot:
+    """One admitted request: counted in flight, `waiting` until it reaches the engine, then
+    `running` until released. `release` is idempotent."""
+
+    def __init__(self, serving: Serving) -> None:
+        self._serving = serving
+        self.state = "waiting"
+        serving.in_flight += 1
+        serving.metrics.waiting.inc()
+
+    def start(self) -> None:
+        if self.state == "waiting":
+            self.state = "running"
+            self._serving.metrics.waiting.dec()
+            self._serving.metrics.running.inc()
+
+    def release(self) -> None:
+        if self.state == "released":
+            return
+        gauge = (
+            self._serving.metrics.waiting
+            if self.state == "waiting"
+            else self._serving.metrics.running
+        )
+        gauge.dec()
+        self.state = "released"
+        self._serving.in_flight -= 1
+
+
+class Serving:
+    def __init__(
+        self,
+        config: ServerConfig,
+        info: ModelInfo,
+        tokenizer: Tokenizer,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.config = config
+        self.info = info
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.engine: Any = None  # vllm AsyncLLM, once started
+        self.max_model_len = config.max_model_len or info.max_position_embeddings
+        self.images = ImageFetcher(
+            max_pixels=config.max_image_pixels,
+            allow_remote=config.allow_remote_images,
+            remote_timeout=config.remote_image_timeout,
+            remote_max_bytes=config.remote_image_max_bytes,
+        )
+        self.in_flight = 0
+        self._aborts: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- state
+
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
+        self.max_model_len = int(engine.model_config.max_model_len)
+        self.metrics.engine_unfinished.set_function(
+            lambda: self.engine.get_num_unfinished_requests() if self.engine is not None else 0
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.info.name, self.info.path):
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.info.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def admit(self) -> Slot:
+        """A slot for one request; refused when --max-queue requests are already in flight."""
+        if not self.ready:
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                code="engine_not_ready",
+                headers={"Retry-After": "5"},
+            )
+        if self.in_flight >= self.config.max_queue:
+            raise APIError(
+                429,
+                f"the server's queue is full ({self.config.max_queue} requests); retry later",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        return Slot(self)
+
+    # ---------------------------------------------------------------- preparation
+
+    async def prepare(
+        self,
+        messages: list[dict[str, str]],
+        image_refs: list[tuple[str, str]],
+        bare_base64: bool = False,
+    ) -> Prepared:
+        if len(image_refs) > self.config.max_images:
+            raise bad_request(
+                f"{len(image_refs)} images in the request; this server accepts at most "
+                f"{self.config.max_images}",
+                param="messages",
+                code="too_many_images",
+            )
+        images: list[Image.Image] = []
+        if image_refs:
+            start = time.perf_counter()
+            images = await self.images.load_all(image_refs, bare_base64)
+            self.metrics.image_preprocess.observe(time.perf_counter() - start)
+        ids = await self._prompt_ids(messages, len(images))
+        sizes = [im.size for im in images]
+        image_tokens = sum(image_token_count(w, h, self.info.max_crops) for w, h in sizes)
+        prompt_len = len(ids) - len(images) + image_tokens
+        if prompt_len >= self.max_model_len:
+            raise bad_request(
+                f"the prompt takes {prompt_len} tokens ({image_tokens} of them for "
+                f"{len(images)} image(s)); this model's context is {self.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        return Prepared(prompt, prompt_len, sizes)
+
+    async def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > 20_000:  # long texts tokenize off the event loop
+            return await asyncio.to_thread(prompt_ids, self.tokenizer, messages, n_images)
+        return prompt_ids(self.tokenizer, messages, n_images)
+
+    def max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            return room
+        if requested > room:
+            raise bad_request(
+                f"{param}={requested} plus the prompt's {prompt_len} tokens exceed this "
+                f"model's context of {self.max_model_len} tokens (at most {room} here)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    # ---------------------------------------------------------------- chat
+
+    async def chat(
+        self, req: ChatCompletionRequest, t0: float, slot: Slot
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A response, or (stream=True) an iterator of SSE events. Errors before the first
+        event raise APIError; the caller releases `slot` when the response is done."""
+        self.check_model(req.model)
+        if req.n > self.config.max_n:
+            raise bad_request(f"n must be <= {self.config.max_n} on this server", param="n")
+        chat = parse_messages(req.messages)
+        prepared = await self.prepare(chat.messages, chat.image_urls)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.max_tokens(req.requested_max_tokens, prepared.prompt_len, param)
+        params = _sampling(lambda: req.to_sampling_params(max_tokens, stream=req.stream))
+        request_id = random_id("chatcmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream_chat(req, prepared, params, request_id, include_usage, t0, slot)
+        final = await self._generate_final(prepared, params, request_id, t0, slot)
+        choices = []
+        completion_tokens = 0
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            completion_tokens += len(o.token_ids)
+            choices.append(
+                Choice(
+                    index=o.index,
+                    message=AssistantMessage(
+                        content=o.text, points=points_in_answer(o.text, prepared.sizes)
+                    ),
+                    logprobs=self._logprobs(o.token_ids, o.logprobs, req.top_logprobs or 0)
+                    if req.logprobs
+                    else None,
+                    finish_reason=_finish(o.finish_reason),
+                )
+            )
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.info.name,
+            choices=choices,
+            usage=self._usage(final, prepared, completion_tokens),
+        )
+
+    async def _stream_chat(
+        self,
+        req: ChatCompletionRequest,
+        prepared: Prepared,
+        params: Any,
+        request_id: str,
+        include_usage: bool,
+        t0: float,
+        slot: Slot,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        base = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.info.name,
+        }
+        extra = {"usage": None} if include_usage else {}
+
+        def event(choices: list[dict[str, Any]]) -> str:
+            return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+        texts = [""] * req.n
+        completion_tokens = 0
+        prompt_tokens = prepared.prompt_len
+        timing = _Timing(t0)
+        for i in range(req.n):
+            yield event(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+        try:
+            async for out in self._generate(prepared, params, request_id, slot):
+                if out.prompt_token_ids is not None:
+                    prompt_tokens = len(out.prompt_token_ids)
+                new_tokens = sum(len(o.token_ids) for o in out.outputs)
+                timing.tokens(new_tokens)
+                completion_tokens += new_tokens
+                choices, finished = [], []
+                for o in out.outputs:
+                    texts[o.index] += o.text
+                    if o.text or o.token_ids:
+                        choices.append(
+                            {
+                                "index": o.index,
+                                "delta": {"content": o.text},
+                                "logprobs": self._logprobs(
+                                    o.token_ids, o.logprobs, req.top_logprobs or 0
+                                ).model_dump()
+                                if req.logprobs
+                                else None,
+                                "finish_reason": None,
+                            }
+                        )
+                    if o.finish_reason is not None:  # points go in the choice's last chunk
+                        points = points_in_answer(texts[o.index], prepared.sizes)
+                        finished.append(
+                            {
+                                "index": o.index,
+                                "delta": {"points": [p.model_dump() for p in points]},
+                                "logprobs": None,
+                                "finish_reason": _finish(o.finish_reason),
+                            }
+                        )
+                if choices:
+                    yield event(choices)
+                if finished:
+                    yield event(finished)
+        except APIError as e:
+            yield e.sse()
+        else:
+            self._observe(timing, prompt_tokens, completion_tokens)
+            if include_usage:
+                usage = Usage(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage.model_dump()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------- point
+
+    async def point(self, req: PointRequest, t0: float, slot: Slot) -> PointResponse:
+        self.check_model(req.model)
+        messages = point_messages(req.object)
+        prepared = await self.prepare(messages, [(req.image, "image")], bare_base64=True)
+        requested = (
+            req.max_tokens
+            if req.max_tokens is not None
+            else min(POINT_MAX_TOKENS, self.max_model_len - prepared.prompt_len)
+        )
+        max_tokens = self.max_tokens(requested, prepared.prompt_len, "max_tokens")
+
+        def params() -> Any:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=0.0 if req.temperature is None else req.temperature,
+                seed=req.seed,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+
+        request_id = random_id("point")
+        final = await self._generate_final(prepared, _sampling(params), request_id, t0, slot)
+        o = final.outputs[0]
+        points = pixel_points(o.text, prepared.sizes[0])
+        return PointResponse(
+            id=request_id,
+            model=self.info.name,
+            points=points,
+            count=len(points),
+            text=o.text,
+            usage=self._usage(final, prepared, len(o.token_ids)),
+        )
+
+    # ---------------------------------------------------------------- engine
+
+    async def _generate(
+        self, prepared: Prepared, params: Any, request_id: str, slot: Slot
+    ) -> AsyncIterator[Any]:
+        """The engine's outputs for one request. The engine generator runs in its own task
+        (see the module docstring); closing or cancelling this iterator aborts it."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for out in self.engine.generate(prepared.prompt, params, request_id):
+                    queue.put_nowait(out)
+                queue.put_nowait(_END)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # handed to the consumer, which maps it
+                queue.put_nowait(e)
+
+        task = asyncio.create_task(pump())
+        slot.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise _engine_error(item)
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()  # vLLM's generator aborts the request on cancellation
+                self._aborts.add(task)
+                task.add_done_callback(self._aborts.discard)
+
+    async def _generate_final(
+        self, prepared: Prepared, params: Any, request_id: str, t0: float, slot: Slot
+    ) -> Any:
+        submitted = time.perf_counter()
+        final = None
+        async for out in self._generate(prepared, params, request_id, slot):
+            final = out
+        if final is None:
+            raise APIError(500, "the engine returned no output", code="engine_error")
+        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+        timing = _Timing(t0)
+        stats = getattr(final, "metrics", None)
+        if stats is not None and getattr(stats, "first_token_latency", 0.0) > 0:
+            timing.first = submitted + stats.first_token_latency
+            n = getattr(stats, "num_generation_tokens", 0)
+            if n > 1 and stats.last_token_ts > stats.first_token_ts:
+                timing.gaps.append((stats.last_token_ts - stats.first_token_ts, n - 1))
+        self._observe(
+            timing, len(final.prompt_token_ids or []) or prepared.prompt_len, completion_tokens
+        )
+        return final
+
+    def _observe(self, timing: _Timing, prompt_tokens: int, completion_tokens: int) -> None:
+        m = self.metrics
+        m.observe_tokens(None if timing.first is None else timing.first - timing.t0, timing.gaps)
+        m.e2e.observe(time.perf_counter() - timing.t0)
+        m.prompt_tokens.inc(prompt_tokens)
+        m.generation_tokens.inc(completion_tokens)
+
+    # ---------------------------------------------------------------- formatting
+
+    def _usage(self, final: Any, prepared: Prepared, completion_tokens: int) -> Usage:
+        prompt_tokens = (
+            len(final.prompt_token_ids) if final.prompt_token_ids else prepared.prompt_len
+        )
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+    def _logprobs(self, token_ids: Any, logprobs: Any, top: int) -> ChoiceLogprobs:
+        """OpenAI's logprobs for generated tokens. vLLM gives, per position, the `top` best
+        tokens (rank 1..top) plus the sampled one with its own rank."""
+        content: list[TokenLogprob] = []
+        for token_id, position in zip(token_ids, logprobs or [], strict=False):
+            best = sorted(
+                (
+                    item
+                    for item in position.items()
+                    if item[1].rank is not None and item[1].rank <= top
+                ),
+                key=lambda item: item[1].rank,
+            )
+            content.append(
+                TokenLogprob(
+                    **self._token(token_id, position.get(token_id)),
+                    top_logprobs=[TopLogprob(**self._token(t, lp)) for t, lp in best],
+                )
+            )
+        return ChoiceLogprobs(content=content)
+
+    def _token(self, token_id: int, lp: Any) -> dict[str, Any]:
+        text = lp.decoded_token if lp is not None and lp.decoded_token is not None else None
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+        value = (
+            -9999.0
+            if lp is None or lp.logprob != lp.logprob or lp.logprob < -9999.0
+            else lp.logprob
+        )
+        return {
+            "token": text,
+            "logprob": value,
+            "bytes": list(text.encode("utf-8", errors="replace")),
+        }
+
+    async def aclose(self) -> None:
+        await self.images.aclose()
+        for task in list(self._aborts):
+            task.cancel()
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"abort": "stop", "error": "stop"}.get(reason, reason) if reason else reason
+
+
+def _sampling(build: Any) -> Any:
+    """Build SamplingParams; vLLM's own checks (e.g. n > 1 with greedy sampling) become 400s."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return build()
+    except VLLMValidationError as e:
+        raise bad_request(str(e), param=e.parameter) from None
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+
+
+def _engine_error(e: BaseException) -> APIError:
+    """What the engine raised, as the status the client should see."""
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(e, APIError):
+        return e
+    cause = e.__cause__ if e.__cause__ is not None else e
+    if isinstance(cause, VLLMValidationError):
+        return bad_request(str(cause), param=cause.parameter)
+    if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
+        return bad_request(str(cause))
+    if isinstance(e, GracefulHTTPError):
+        return APIError(
+            503,
+            str(e) or "the engine's queue is full",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(e, EngineDeadError):
+        return APIError(503, "the engine has stopped", code="engine_dead")
+    logger.error("engine error", exc_info=e)
+    return APIError(500, f"internal error: {type(cause).__name__}", code="engine_error")
