@@ -1,0 +1,387 @@
+"""Training: multi-annotation packing, the recipe, exact resume, DDP, and the eval metrics.
+
+Everything runs on the CPU with the `tiny` model (max_crops 1: 2 crops per image) and real
+synthetic scenes. The packing tests run the model in float64 (the model sums the token losses
+in float32, hence the 1e-6 tolerance); the 2-process test uses torch.multiprocessing with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import annotation_mask
+from molmo_model.checkpoint import load_checkpoint
+from molmo_model.config import tiny
+from molmo_model.model import MolmoForCausalLM
+from molmo_model.preprocessing import MolmoPreprocessor
+from molmo_model.tokenizer import build_tokenizer
+from training.config import DEMO_SCENE, DataConfig, ModelSpec, RunConfig, TrainConfig
+from training.evaluate import Query, match_points, parse_count, parse_time, point_scores, score
+from training.loader import StepBatches
+from training.packing import IGNORE, collate, pack_example, pack_tokens, split_annotations
+from training.recipe import (
+    COMPONENTS,
+    OptimConfig,
+    build_optimizer,
+    clip_grad_norms,
+    component_of,
+    init_from_scratch,
+    lr_factor,
+)
+from training.records import Annotation, Example
+from training.synthetic import SceneConfig, SyntheticConfig, make_example
+from training.train import STATE_FILE, train
+
+SCENES = SyntheticConfig(scene=SceneConfig(**DEMO_SCENE), clock_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def config(tok):
+    cfg = tiny(vocab_size=tok.embedding_size)
+    cfg.preprocess.max_crops = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pre(tok, config):
+    return MolmoPreprocessor(config.preprocess, tok)
+
+
+@pytest.fixture(scope="module")
+def model64(config, tok):
+    torch.manual_seed(0)
+    model = MolmoForCausalLM(config, im_patch_id=tok.im_patch_id)
+    return init_from_scratch(model, seed=0).double().eval()
+
+
+def _example(first: int = 0) -> Example:
+    """The first training scene from index `first` on with at least 3 annotations."""
+    for index in range(first, first + 50):
+        ex = make_example("train", index, SCENES)
+        if len(ex.annotations) >= 3:
+            return ex
+    raise AssertionError("no scene with 3 annotations")
+
+
+def _loss_sum(model: MolmoForCausalLM, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch.model_inputs(), loss_normalizer=1.0)
+    return out.loss
+
+
+def _tokens_per_crop(config) -> int:
+    return config.preprocess.tokens_per_side**2
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_gives_the_loss_of_the_annotations_trained_one_by_one(model64, pre, config):
+    ex = _example()
+    image = pre.preprocess(ex.image)
+    image.images = image.images.double()
+    packed = pack_example(ex, pre, image=image)
+    assert packed.n_annotations == len(ex.annotations) and packed.n_dropped == 0
+    t = _tokens_per_crop(config)
+    total = _loss_sum(model64, collate([packed], pre.tokenizer.pad_id, t))
+    singles = [pack_example(e, pre, image=image) for e in split_annotations(ex)]
+    assert sum(s.n_loss_tokens for s in singles) == packed.n_loss_tokens
+    one_by_one = sum(_loss_sum(model64, collate([s], pre.tokenizer.pad_id, t)) for s in singles)
+    assert torch.allclose(total, one_by_one, rtol=1e-6, atol=1e-6), (float(total), float(one_by_one))
+    # The singles batched together (right padding, crops concatenated) give the same sum.
+    batched = _loss_sum(model64, collate(singles, pre.tokenizer.pad_id, t))
+    assert torch.allclose(batched, one_by_one, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_layout_positions_labels_and_segments(pre):
+    ex = _example()
+    packed = pack_example(ex, pre)
+    p = 1 + len(pre.preprocess(ex.image).tokens)  # BOS + image tokens
+    seg, pos, ids, labels = packed.segment_ids, packed.position_ids, packed.input_ids, packed.labels
+    assert (seg[:p] == 0).all() and (pos[:p] == torch.arange(p)).all()
+    assert (labels[:p] == IGNORE).all()
+    eos = pre.tokenizer.eos_id
+    for k in range(1, packed.n_annotations + 1):
+        where = (seg == k).nonzero().flatten()
+        assert (pos[where] == torch.arange(p, p + len(where))).all()  # positions restart
+        answer = ex.annotations[k - 1].answer
+        # The labelled targets of annotation k are its answer tokens + EOS.
+        targets = labels[where][labels[where] != IGNORE].tolist()
+        assert targets[-1] == eos
+        assert pre.tokenizer.decode(targets[:-1]) == " " + answer
+        assert ids[where[-1]] == eos
+        assert labels[where[-1]] == IGNORE  # the last token predicts nothing across annotations
+
+
+def test_attention_mask_follows_the_papers_rule(pre, config):
+    examples = [pack_example(_example(0), pre), pack_example(_example(20), pre)]
+    batch = collate(examples, pre.tokenizer.pad_id, _tokens_per_crop(config))
+    mask = annotation_mask(batch.segment_ids)  # [B, S, S]
+    for b, packed in enumerate(examples):
+        # The paper's rule from the layout alone: a token of annotation k sees the image
+        # prefix and the tokens of annotation k up to itself; a prefix token sees the prefix
+        # up to itself; nothing sees padding or another annotation.
+        seg = packed.segment_ids.tolist()
+        prefix = seg.count(0)
+        span = {k: (seg.index(k), len(seg) - seg[::-1].index(k)) for k in set(seg) - {0}}
+        for i in range(packed.length):
+            if seg[i] == 0:
+                expected = set(range(i + 1))
+            else:
+                start, _ = span[seg[i]]
+                expected = set(range(prefix)) | set(range(start, i + 1))
+            assert set(mask[b, i].nonzero().flatten().tolist()) == expected, (b, i)
+
+
+def test_truncation_drops_whole_annotations_and_keeps_at_least_one():
+    prefix = [7] * 10
+    ann = [([1, 2, 3, 4], [False, True, True, True]), ([5] * 30, [False] + [True] * 29), ([6, 6], [False, True])]
+    tensors, kept, dropped = pack_tokens(prefix, ann, max_len=17)
+    assert (kept, dropped) == (2, 1)  # the 30-token annotation is dropped, the last one fits
+    assert tensors["segment_ids"].tolist() == [0] * 10 + [1] * 4 + [2] * 2
+    tensors, kept, dropped = pack_tokens(prefix, [ann[1], ann[0]], max_len=15)
+    assert (kept, dropped) == (1, 1)  # the first annotation is cut to fit
+    assert len(tensors["input_ids"]) == 15
+    assert tensors["labels"][-1] == IGNORE  # its next token was cut away
+    with pytest.raises(ValueError, match="max_len"):
+        pack_tokens(prefix, ann, max_len=11)
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def test_parameter_groups_cover_the_three_components(config, tok):
+    model = MolmoForCausalLM(config, im_patch_id=tok.im_patch_id)
+    names = dict(model.named_parameters())
+    assert component_of("model.vision_backbone.image_vit.pre_ln.weight") == "vit"
+    assert component_of("model.vision_backbone.image_pooling_2d.wq.weight") == "connector"
+    assert component_of("model.vision_backbone.image_projector.w2.weight") == "connector"
+    assert component_of("model.vision_backbone.pad_embed") == "connector"
+    assert component_of("model.transformer.blocks.0.att_proj.weight") == "llm"
+    opt_cfg = OptimConfig(connector_lr=1e-3, vit_lr=2e-4, llm_lr=5e-4, connector_warmup=2, vit_warmup=4, llm_warmup=4)
+    optimizer, scheduler = build_optimizer(model, opt_cfg, total_steps=20)
+    groups = {g["component"]: g for g in optimizer.param_groups}
+    assert set(groups) == set(COMPONENTS)
+    assert sum(len(g["params"]) for g in groups.values()) == len(names)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-6
+    # Step 0: warmup from 1/warmup of each peak.
+    assert groups["connector"]["lr"] == pytest.approx(1e-3 / 2)
+    assert groups["vit"]["lr"] == pytest.approx(2e-4 / 4)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+    # The cosine ends at 10% of each peak.
+    assert groups["llm"]["lr"] == pytest.approx(5e-5)
+    assert groups["connector"]["lr"] == pytest.approx(1e-4)
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    assert lr_factor(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_gradients_are_clipped_per_component(config, tok):
+    model = MolmoForCausalLM(config, im_patch_id=tok.im_patch_id)
+    optimizer, _ = build_optimizer(model, OptimConfig(), total_steps=10)
+    for name, p in model.named_parameters():
+        big = component_of(name) == "llm"
+        p.grad = torch.full_like(p, 10.0 if big else 1e-4)
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norms = clip_grad_norms(optimizer, 1.0)
+    assert norms["llm"] > 1.0 and norms["vit"] < 1.0 and norms["connector"] < 1.0
+    for name, p in model.named_parameters():
+        if component_of(name) == "llm":
+            assert not torch.equal(p.grad, before[name])
+        else:  # a huge LLM gradient does not shrink the small vision gradients
+            assert torch.equal(p.grad, before[name])
+    llm = [p.grad for n, p in model.named_parameters() if component_of(n) == "llm"]
+    assert math.sqrt(sum(float(g.pow(2).sum()) for g in llm)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_scaled_init_lets_image_features_reach_the_llm(config, tok):
+    model = init_from_scratch(MolmoForCausalLM(config, im_patch_id=tok.im_patch_id), seed=0)
+    images = torch.randn(2, config.preprocess.num_patches, config.preprocess.patch_pixels)
+    feats = model.model.vision_backbone(images, torch.ones(2, config.preprocess.num_patches))
+    emb = model.model.transformer.wte.embedding
+    assert feats.std() > 10 * emb.std()  # the image, not the <im_patch> embedding, dominates
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _run_config(out: Path, steps: int, batch_size: int = 2, **run) -> TrainConfig:
+    return TrainConfig(
+        model=ModelSpec(preset="tiny", max_crops=1),
+        data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=batch_size, max_len=700),
+        optim=OptimConfig(connector_lr=2e-3, vit_lr=2e-3, llm_lr=2e-3, connector_warmup=1, vit_warmup=1, llm_warmup=1),
+        run=RunConfig(out_dir=str(out), steps=steps, log_every=1, progress=False, **run),
+    )
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = load_checkpoint(folder, with_tokenizer=False)
+    return model.state_dict()
+
+
+def test_few_steps_lower_the_loss(tmp_path):
+    cfg = _run_config(tmp_path, steps=8)
+    cfg.data.size = 2  # the same two images again and again
+    final = train(cfg)
+    losses = _losses(tmp_path)
+    assert losses[8] < 0.7 * losses[1], losses
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert json.loads((final / "train_config.json").read_text())["run"]["steps"] == 8
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # Response dropout draws from the RNG, so the restored RNG state matters too.
+    train(_run_config(straight, steps=4, response_dropout=0.1))
+    train(_run_config(resumed, steps=4, save_every=2, response_dropout=0.1))
+    # Simulate a crash after step 2: drop everything written after its checkpoint.
+    import shutil
+
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    assert (resumed / "checkpoints" / "step-000002" / STATE_FILE).exists()
+    train(_run_config(resumed, steps=4, save_every=2, response_dropout=0.1))
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    wa, wb = _weights(straight / "model"), _weights(resumed / "model")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-6, atol=1e-7)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu"))
+
+
+def test_two_process_gloo_run_equals_one_process_run(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The same global batch: 2 images in one process, or 1 image in each of 2 processes.
+    train(_run_config(one, steps=2, batch_size=2, device="cpu"))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    a, b = _losses(one), _losses(two)
+    for step in (1, 2):
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    wa, wb = _weights(one / "model"), _weights(two / "model")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_step_batches_split_the_global_batch_between_ranks(pre, config):
+    cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=2, grad_accum=2)
+    t = _tokens_per_crop(config)
+    ranks = [StepBatches(cfg, pre, t, rank=r, world_size=2, end_step=5) for r in range(2)]
+    positions = [p for r in ranks for micro in r.step_positions(3) for p in micro]
+    assert positions == list(range(3 * 8, 4 * 8))  # step 3 of a global batch of 8
+
+
+# ---------------------------------------------------------------- eval metrics
+
+
+def test_hungarian_matching_beats_greedy_nearest_point():
+    # Point 0 is nearest to box 0's centre but also inside box 1; point 1 is inside box 0 only.
+    # Greedy nearest-centre would give box 0 to point 0 and leave point 1 without a hit.
+    boxes = [(0, 0, 10, 10), (8, 0, 30, 10)]
+    points = [(9, 5), (2, 5)]
+    pairs = dict(match_points(points, boxes))
+    assert pairs == {0: 1, 1: 0}
+    assert point_scores(points, boxes) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "hits": 2}
+
+
+def test_point_scores_precision_recall_and_not_present():
+    boxes = [(0, 0, 10, 10), (20, 20, 30, 30), (40, 40, 50, 50)]
+    s = point_scores([(5, 5), (25, 25), (100, 100), (6, 6)], boxes)
+    assert s["hits"] == 2  # (6, 6) is a second point on the same object: one match only
+    assert s["precision"] == pytest.approx(0.5) and s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert point_scores([], boxes)["f1"] == 0.0
+    assert point_scores([], [])["f1"] == 1.0  # "not present" answered correctly
+    assert point_scores([(1, 1)], [])["f1"] == 0.0
+
+
+def test_score_reads_molmo_answers():
+    from PIL import Image
+
+    image = Image.new("RGB", (200, 100))
+    point_q = Query("point", "Point to the cats.", image, boxes=[(0, 0, 20, 20), (100, 50, 140, 90)])
+    absent_q = Query("point", "Point to the dogs.", image, boxes=[])
+    count_q = Query("count", "How many cats?", image, boxes=point_q.boxes, count=2)
+    clock_q = Query("clock", "What time is it?", image, time=(10, 35))
+    answers = [
+        '<points x1="5.0" y1="10.0" x2="60.0" y2="70.0" alt="cats">cats</points>',
+        "There are none.",
+        'Counting the <points x1="5.0" y1="10.0" x2="60.0" y2="70.0" alt="cats">cats</points>, there are 2.',
+        "The time is 10:35.",
+    ]
+    report = score([point_q, absent_q, count_q, clock_q], answers)
+    assert report["pointing"]["f1"] == 1.0 and report["pointing"]["not_present_accuracy"] == 1.0
+    assert report["counting"]["accuracy"] == 1.0
+    assert report["clock"]["accuracy"] == 1.0
+    assert parse_count("Counting the <points ...>, there are 7.") == 7
+    assert parse_count('<point x="1.0" y="2.0" alt="a">a</point>') == 1
+    assert parse_count("There are none.") == 0
+    assert parse_time("It is 9:05 now") == (9, 5) and parse_time("no idea") is None
+
+
+def test_config_rejects_unknown_keys_and_loads_toml(tmp_path):
+    with pytest.raises(ValueError, match="data.batch_sise"):
+        TrainConfig.from_dict({"preset": "demo", "data": {"batch_sise": 2}})
+    with pytest.raises(ValueError, match="data.scene.max_cnt"):
+        TrainConfig.from_dict({"data": {"scene": {"max_cnt": 3}}})
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "demo"\n[optim]\npreset = "finetune"\n[run]\nsteps = 7\n[data.scene]\nmax_count = 4\n')
+    cfg = TrainConfig.load(path)
+    assert cfg.run.steps == 7 and cfg.optim.llm_lr == 1e-5 and cfg.optim.connector_lr == 5e-6
+    assert cfg.data.synthetic().scene.max_count == 4
+    assert cfg.data.synthetic().scene.kinds == tuple(DEMO_SCENE["kinds"])  # the preset's, kept
+
+
+def test_step_batches_carry_real_annotation_text(pre, config):
+    cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=2)
+    micro = StepBatches(cfg, pre, _tokens_per_crop(config), end_step=1)[0]
+    assert len(micro) == 1
+    batch = micro[0]
+    assert batch.n_images == 2 and batch.images.shape[0] == 4  # global view + one crop each
+    n_patch = int((batch.input_ids == pre.tokenizer.im_patch_id).sum())
+    assert batch.patch_order.shape[0] == n_patch
+    assert int(batch.patch_order.max()) < batch.images.shape[0] * _tokens_per_crop(config)
+
+
+def test_annotation_without_answer_is_rejected(pre):
+    bad = Example(_example().image, [Annotation([{"role": "user", "content": "hi"}])])
+    with pytest.raises(ValueError, match="assistant"):
+        pack_example(bad, pre)

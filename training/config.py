@@ -1,0 +1,314 @@
+"""Configuration of a training run: one dataclass per component, nested into `TrainConfig`.
+
+A run is described by a preset (`RUN_PRESETS`: `demo`, `smoke`, `pretrain-7b`, `finetune-7b`)
+and/or a TOML or JSON file whose tables mirror the dataclasses::
+
+    preset = "demo"            # optional: start from a preset, then override
+    [model]
+    preset = "demo"            # a model shape from MODEL_PRESETS
+    [data]
+    batch_size = 8
+    [data.scene]               # fields of training.shapes.SceneConfig
+    max_count = 10
+    [optim]
+    preset = "demo"            # training.recipe.OPTIM_PRESETS, then field overrides
+    llm_lr = 1e-3
+    [run]
+    steps = 500
+
+Unknown keys are errors naming the key. `TrainConfig.to_dict()` is what a run saves beside
+its checkpoints (`train_config.json`), so every model records how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from molmo_model.config import LLMConfig, MolmoConfig, PreprocessConfig, VisionConfig, get_preset
+from training.recipe import OPTIM_PRESETS, OptimConfig
+from training.shapes import SceneConfig
+from training.synthetic import ClockConfig, SyntheticConfig
+
+
+def demo_model() -> MolmoConfig:
+    """The CPU demo's shape: a small ViT and LLM on Molmo's real image geometry (336 px
+    crops, 14 px patches, 2x2 pooling), one high-res crop per image (max_crops 1: a global
+    view + one crop, 316 image tokens), LLM head dim 64 (a size vLLM's CPU attention has)."""
+    return MolmoConfig(
+        llm=LLMConfig(
+            hidden_size=192,
+            intermediate_size=2 * 512,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            num_hidden_layers=3,
+            vocab_size=512,
+            embedding_size=512,
+            max_position_embeddings=4096,
+            rope_theta=10_000.0,
+        ),
+        vision=VisionConfig(
+            image_emb_dim=128,
+            image_num_heads=2,
+            image_num_key_value_heads=2,
+            image_num_layers=2,
+            image_mlp_dim=256,
+            vit_layers=(-1, -2),
+        ),
+        preprocess=PreprocessConfig(max_crops=1),
+    )
+
+
+MODEL_PRESETS = {"demo": demo_model}
+
+
+def model_preset(name: str) -> MolmoConfig:
+    if name in MODEL_PRESETS:
+        return MODEL_PRESETS[name]()
+    return get_preset(name)
+
+
+@dataclass
+class ModelSpec:
+    """Which model to train: a preset shape with fresh weights, or an existing checkpoint."""
+
+    preset: str = "demo"  # MODEL_PRESETS or molmo_model.config.PRESETS
+    init_from: str | None = None  # a checkpoint folder (served layout) to start from instead
+    init: str = "scaled"  # fresh weights: "scaled" (fan-in, recipe.init_from_scratch) or "uniform" (std init_std)
+    init_std: float = 0.02  # std of every fresh weight matrix when init = "uniform"
+    max_crops: int | None = None  # overrides the preset's preprocess.max_crops
+    llm: dict[str, Any] = field(default_factory=dict)  # LLMConfig field overrides
+    vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig field overrides
+
+    def __post_init__(self) -> None:
+        if self.init not in ("scaled", "uniform"):
+            raise ValueError(f"model.init must be 'scaled' or 'uniform', got {self.init!r}")
+
+    def build(self, embedding_size: int) -> MolmoConfig:
+        """The model config, its vocabulary sized to the tokenizer's `embedding_size`."""
+        if self.init_from is not None:
+            cfg = MolmoConfig.load(self.init_from)
+        else:
+            cfg = model_preset(self.preset)
+            llm = {**dataclasses.asdict(cfg.llm), "vocab_size": embedding_size,
+                   "embedding_size": embedding_size, **self.llm}  # fmt: skip
+            cfg.llm = _build(LLMConfig, llm, "model.llm")
+            cfg.vision = _build(VisionConfig, {**dataclasses.asdict(cfg.vision), **self.vision}, "model.vision")
+        if self.max_crops is not None:
+            cfg.preprocess = dataclasses.replace(cfg.preprocess, max_crops=self.max_crops)
+        return cfg
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they become batches."""
+
+    source: str = "synthetic"  # "synthetic" (generated from seeds) or "jsonl"
+    path: str | None = None  # the JSONL file when source = "jsonl"
+    split: str = "train"  # synthetic split
+    size: int = 10**9  # synthetic examples available (a fresh image per index)
+    scene: dict[str, Any] = field(default_factory=dict)  # SceneConfig overrides
+    clock: dict[str, Any] = field(default_factory=dict)  # ClockConfig overrides
+    clock_fraction: float = 0.2
+    pack: bool = True  # multi-annotation packing; False = one annotation per sequence
+    max_len: int = 1536  # tokens per packed sequence (image prefix included)
+    batch_size: int = 4  # images per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_batch_tokens: int = 0  # split a micro-batch into length-sorted forwards of at most
+    # this many padded tokens each (less padding, same gradient); 0 = one forward
+    shuffle: bool = True  # reshuffle finite datasets every epoch
+    num_workers: int = 0  # DataLoader worker processes that render and pack batches
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "jsonl"):
+            raise ValueError(f"data.source must be 'synthetic' or 'jsonl', got {self.source!r}")
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.source = 'jsonl'")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.size < 1:
+            raise ValueError("data.batch_size, data.grad_accum and data.size must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        self.synthetic()  # validates the generator overrides
+
+    def synthetic(self) -> SyntheticConfig:
+        return SyntheticConfig(
+            scene=_build(SceneConfig, self.scene, "data.scene"),
+            clock=_build(ClockConfig, self.clock, "data.clock"),
+            clock_fraction=self.clock_fraction,
+        )
+
+
+@dataclass
+class RunConfig:
+    """Length, logging, checkpoints and hardware of a run."""
+
+    out_dir: str = "runs/demo"  # log.jsonl, loss.png, checkpoints/, model/
+    steps: int = 1000  # optimizer steps; the LR schedule spans them
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # most recent resumable checkpoints kept
+    eval_every: int = 0  # steps between quick held-out evaluations (reference generator); 0 = off
+    eval_examples: int = 24  # held-out images per quick evaluation
+    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    parallel: str = "ddp"  # "ddp" or "fsdp" when launched with torchrun (WORLD_SIZE > 1)
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
+    save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
+    export_dir: str | None = None  # also write the final served model here
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"run.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"run.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if not 0.0 <= self.response_dropout < 1.0:
+            raise ValueError(f"run.response_dropout must be in [0, 1), got {self.response_dropout}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"run.save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
+        if self.log_every < 1 or self.save_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("run.log_every and run.keep_checkpoints must be >= 1, save_every/eval_every >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from nested dicts; `preset` keys (top level, optim) apply first."""
+        d = dict(d)
+        base = run_preset(d.pop("preset")).to_dict() if "preset" in d else cls().to_dict()
+        unknown = sorted(set(d) - set(base))
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r}; allowed: preset, {', '.join(base)}")
+        merged: dict[str, Any] = {}
+        for section, defaults in base.items():
+            over = dict(d.get(section) or {})
+            if section == "optim" and "preset" in over:
+                name = over.pop("preset")
+                if name not in OPTIM_PRESETS:
+                    raise ValueError(f"optim.preset {name!r} is unknown; choose one of {sorted(OPTIM_PRESETS)}")
+                defaults = dataclasses.asdict(OPTIM_PRESETS[name])
+            merged[section] = _merge(defaults, over, section)
+        return cls(
+            model=_build(ModelSpec, merged["model"], "model"),
+            data=_build(DataConfig, merged["data"], "data"),
+            optim=_build(OptimConfig, merged["optim"], "optim"),
+            run=_build(RunConfig, merged["run"], "run"),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """A config from a .toml or .json file."""
+        p = Path(path)
+        if p.suffix == ".toml":
+            d = tomllib.loads(p.read_text())
+        elif p.suffix == ".json":
+            d = json.loads(p.read_text())
+        else:
+            raise ValueError(f"config: {p} must be a .toml or .json file")
+        return cls.from_dict(d)
+
+
+def _merge(defaults: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(over) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config key {where}.{unknown[0]}; allowed: {', '.join(defaults)}")
+    out = dict(defaults)
+    for k, v in over.items():
+        # Generator/model override tables merge key by key; everything else replaces.
+        out[k] = {**defaults[k], **v} if isinstance(defaults[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {where}.{unknown[0]}; allowed: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------- run presets
+
+# The demo's scenes: few clear kinds and colours on plain backgrounds, objects large enough
+# to hit, 0..10 instances of the target, a few distractors, no captions or clocks.
+DEMO_SCENE = {
+    "width_range": (336, 336),
+    "height_range": (336, 336),
+    "kinds": ("circle", "square", "triangle"),
+    "colours": ("red", "green", "blue"),
+    "backgrounds": ("solid",),
+    "max_count": 10,
+    "max_distractors": 4,
+    "size_range": (0.12, 0.17),
+    "fill": 0.45,
+    "max_questions": 5,
+    "absent_prob": 0.2,
+    "caption_prob": 0.0,
+}
+
+
+def _demo() -> TrainConfig:
+    return TrainConfig(
+        model=ModelSpec(preset="demo"),
+        data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024),
+        optim=dataclasses.replace(OPTIM_PRESETS["demo"]),
+        run=RunConfig(out_dir="runs/demo", steps=480, log_every=10, save_every=40, eval_every=160,
+                      eval_examples=12, threads=1, export_dir="models/molmo-demo"),
+    )  # fmt: skip
+
+
+def _smoke() -> TrainConfig:
+    """A few steps of the `tiny` model: checks a set-up end to end in a minute."""
+    return TrainConfig(
+        model=ModelSpec(preset="tiny", max_crops=1),
+        data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.2, batch_size=2, max_len=768),
+        optim=dataclasses.replace(OPTIM_PRESETS["demo"], connector_warmup=2, vit_warmup=2, llm_warmup=2),
+        run=RunConfig(out_dir="runs/smoke", steps=4, log_every=1, save_every=2),
+    )  # fmt: skip
+
+
+def _paper(stage: str) -> TrainConfig:
+    """The paper's recipe at Molmo-7B-D's shape (needs GPUs and a real checkpoint)."""
+    return TrainConfig(
+        model=ModelSpec(preset="molmo-7b-d"),
+        data=DataConfig(max_len=2304, batch_size=1),
+        optim=dataclasses.replace(OPTIM_PRESETS[stage]),
+        run=RunConfig(out_dir=f"runs/{stage}-7b", steps=22_000 if stage == "pretrain" else 23_000,
+                      parallel="fsdp", save_every=1000,
+                      response_dropout=0.1 if stage == "pretrain" else 0.0),
+    )  # fmt: skip
+
+
+RUN_PRESETS = {
+    "demo": _demo,
+    "smoke": _smoke,
+    "pretrain-7b": lambda: _paper("pretrain"),
+    "finetune-7b": lambda: _paper("finetune"),
+}
+
+
+def run_preset(name: str) -> TrainConfig:
+    if name not in RUN_PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {sorted(RUN_PRESETS)}")
+    return RUN_PRESETS[name]()

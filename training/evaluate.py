@@ -1,0 +1,295 @@
+"""Evaluation on held-out synthetic data: pointing, counting and clock reading.
+
+Queries come from the annotations of held-out examples (`training.synthetic`, split "test"
+by default): "point" questions are scored for pointing, "count" questions for counting and
+"clock" questions for reading the time. A model answers them through an engine:
+
+- `vllm` (what users get): `vllm.LLM(model=DIR, enforce_eager=True)` with our plugin
+  (molmo_model/vllm_adapter.py), greedy decoding;
+- `reference`: molmo_model.generate on the PyTorch model, greedy, one query at a time.
+
+Metrics (paper, pointing evaluation):
+
+- pointing: predicted points (`parse_points`) are matched one-to-one to the true objects with
+  the Hungarian algorithm (`scipy.optimize.linear_sum_assignment`); a matched point is a hit
+  when it lies inside its object's box. Per query precision = hits / predicted, recall =
+  hits / true objects, F1 their harmonic mean; a "not present" query (no true object) scores
+  1 when the answer has no point, else 0. Reported as the mean over queries, and micro-summed.
+- counting: the number after "there are"/"there is" (else the number of points, 0 for "none")
+  equals the true count; accuracy over queries with 1..10 objects (and over all).
+- clocks: the first H:MM in the answer names the true hour (mod 12) and minute.
+
+    molmo eval --model models/molmo-demo --engine vllm --examples 200 --out report.json
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from molmo_model.points import parse_points
+from training.records import Example
+
+COUNT_RANGE = (1, 10)  # counting accuracy is reported on queries with this many objects
+_COUNT_RE = re.compile(r"there (?:is|are) (\d+)", re.IGNORECASE)
+_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})")
+
+
+@dataclass
+class Query:
+    """One question about one image, with the truth to score the answer against."""
+
+    task: str  # "point", "count" or "clock"
+    question: str
+    image: Image.Image
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # true objects
+    count: int | None = None
+    time: tuple[int, int] | None = None  # (hour, minute)
+    source: dict[str, Any] = field(default_factory=dict)  # split/index of the example
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}]
+
+
+def queries_from_example(example: Example, tasks: Sequence[str] = ("point", "count", "clock")) -> list[Query]:
+    """The scorable questions of one synthetic example (the answers are left out)."""
+    meta = example.metadata
+    source = {k: meta[k] for k in ("split", "index") if k in meta}
+    objects = meta.get("objects", [])
+    out = []
+    for ann in example.annotations:
+        if ann.task not in tasks:
+            continue
+        if ann.task in ("point", "count"):
+            kind, colour = ann.info.get("kind"), ann.info.get("colour")
+            boxes = [
+                tuple(float(v) for v in o["box"])
+                for o in objects
+                if (kind is None or o["kind"] == kind) and (colour is None or o["colour"] == colour)
+            ]
+            out.append(Query(ann.task, ann.question, example.image, boxes, len(boxes), source=source))
+        elif ann.task == "clock":
+            time_ = (int(ann.info["hour"]), int(ann.info["minute"]))
+            out.append(Query("clock", ann.question, example.image, time=time_, source=source))
+    return out
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
+    x, y = point
+    x0, y0, x1, y1 = box
+    return x0 <= x <= x1 and y0 <= y <= y1
+
+
+def match_points(
+    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
+) -> list[tuple[int, int]]:
+    """One-to-one matching of points to boxes that maximises the hits (a point inside its
+    box), ties broken by the distance to the box centre. Returns (point, box) index pairs."""
+    if not points or not boxes:
+        return []
+    p = np.asarray(points, dtype=np.float64)  # [P, 2]
+    b = np.asarray(boxes, dtype=np.float64)  # [T, 4]
+    centres = (b[:, :2] + b[:, 2:]) / 2.0  # [T, 2]
+    dist = np.linalg.norm(p[:, None, :] - centres[None, :, :], axis=-1)  # [P, T]
+    hit = (
+        (p[:, None, 0] >= b[None, :, 0]) & (p[:, None, 0] <= b[None, :, 2])
+        & (p[:, None, 1] >= b[None, :, 1]) & (p[:, None, 1] <= b[None, :, 3])
+    )  # [P, T]  # fmt: skip
+    # A hit always beats a miss: misses cost more than any distance term can add up to.
+    scale = float(dist.max()) + 1.0
+    cost = np.where(hit, 0.0, float(len(points) + len(boxes))) + dist / (scale * (len(points) + len(boxes)))
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
+
+
+def point_scores(
+    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """Precision, recall, F1 and hits of one answer's points against the true boxes."""
+    if not boxes:  # "not present": right when the answer points at nothing
+        ok = float(not points)
+        return {"precision": ok, "recall": ok, "f1": ok, "hits": 0}
+    hits = sum(inside(points[i], boxes[j]) for i, j in match_points(points, boxes))
+    precision = hits / len(points) if points else 0.0
+    recall = hits / len(boxes)
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "hits": hits}
+
+
+def parse_count(text: str) -> int:
+    """The count an answer states: "there are N", else its number of points (0 for none)."""
+    found = _COUNT_RE.findall(text)
+    if found:
+        return int(found[-1])
+    return len(parse_points(text))
+
+
+def parse_time(text: str) -> tuple[int, int] | None:
+    m = _TIME_RE.search(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def score(queries: Sequence[Query], answers: Sequence[str]) -> dict[str, Any]:
+    """The metrics of answers to queries (see the module docstring)."""
+    if len(queries) != len(answers):
+        raise ValueError(f"answers: {len(answers)} for {len(queries)} queries")
+    pointing: list[dict[str, float]] = []
+    n_pred = n_true = n_hits = 0
+    counts: list[tuple[int, int]] = []
+    clocks: list[tuple[tuple[int, int], tuple[int, int] | None]] = []
+    for q, text in zip(queries, answers, strict=True):
+        if q.task == "point":
+            pts = [(p.x, p.y) for p in parse_points(text, q.image.width, q.image.height)]
+            s = point_scores(pts, q.boxes)
+            pointing.append({**s, "present": bool(q.boxes)})
+            n_pred, n_true, n_hits = n_pred + len(pts), n_true + len(q.boxes), n_hits + s["hits"]
+        elif q.task == "count":
+            counts.append((q.count or 0, parse_count(text)))
+        elif q.task == "clock":
+            clocks.append((q.time, parse_time(text)))
+
+    report: dict[str, Any] = {}
+    if pointing:
+        present = [s for s in pointing if s["present"]]
+        absent = [s for s in pointing if not s["present"]]
+        report["pointing"] = {
+            "queries": len(pointing),
+            "precision": _mean(s["precision"] for s in pointing),
+            "recall": _mean(s["recall"] for s in pointing),
+            "f1": _mean(s["f1"] for s in pointing),
+            "f1_present": _mean(s["f1"] for s in present),
+            "not_present_accuracy": _mean(s["f1"] for s in absent),
+            "not_present_queries": len(absent),
+            "micro_precision": n_hits / n_pred if n_pred else 0.0,
+            "micro_recall": n_hits / n_true if n_true else 0.0,
+        }
+    if counts:
+        lo, hi = COUNT_RANGE
+        ranged = [(t, p) for t, p in counts if lo <= t <= hi]
+        report["counting"] = {
+            "queries": len(ranged),
+            "accuracy": _mean(float(t == p) for t, p in ranged),
+            "accuracy_all": _mean(float(t == p) for t, p in counts),
+            "queries_all": len(counts),
+            "mean_abs_error": _mean(abs(t - p) for t, p in ranged),
+        }
+    if clocks:
+        report["clock"] = {
+            "queries": len(clocks),
+            "accuracy": _mean(
+                float(p is not None and p[0] % 12 == t[0] % 12 and p[1] == t[1]) for t, p in clocks
+            ),
+            "hour_accuracy": _mean(float(p is not None and p[0] % 12 == t[0] % 12) for t, p in clocks),
+        }
+    return report
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+# ---------------------------------------------------------------- engines
+
+
+class ReferenceEngine:
+    """Greedy answers from the PyTorch model (molmo_model.generate), one query at a time."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 256) -> None:
+        from molmo_model.preprocessing import MolmoPreprocessor
+
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.preprocessor = MolmoPreprocessor(model.config.preprocess, tokenizer)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, max_new_tokens: int = 256) -> ReferenceEngine:
+        from molmo_model.checkpoint import load_checkpoint
+
+        model, _, tokenizer = load_checkpoint(model_dir)
+        return cls(model.eval(), tokenizer, max_new_tokens)
+
+    def answer(self, queries: Sequence[Query]) -> list[str]:
+        from molmo_model.generate import generate
+
+        out = []
+        for q in queries:
+            ids, images = self.preprocessor.build_prompt(q.messages, [q.image])
+            result = generate(self.model, ids, images, self.max_new_tokens, eos_id=self.tokenizer.eos_id)
+            tokens = [t for t in result.tokens if t != self.tokenizer.eos_id]
+            out.append(self.tokenizer.decode(tokens))
+        return out
+
+
+class VllmEngine:
+    """Greedy answers from vLLM with our Molmo plugin: what the server runs."""
+
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 256, max_model_len: int = 2048) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM, SamplingParams
+
+        import molmo_model.vllm_adapter  # noqa: F401  (fails early when the plugin is broken)
+
+        self.llm = LLM(
+            model=str(model_dir),
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": 1},
+            seed=0,
+        )
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
+    def answer(self, queries: Sequence[Query]) -> list[str]:
+        from molmo_model.preprocessing import prompt_text
+
+        prompts = [
+            {"prompt": prompt_text(q.messages), "multi_modal_data": {"image": q.image}} for q in queries
+        ]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return [o.outputs[0].text for o in outputs]
+
+
+def held_out_queries(
+    n_examples: int,
+    synthetic,
+    split: str = "test",
+    start: int = 0,
+    tasks: Sequence[str] = ("point", "count", "clock"),
+) -> list[Query]:
+    """Queries of synthetic examples start..start+n-1 of `split` (a SyntheticConfig)."""
+    from training.data import SyntheticDataset
+
+    data = SyntheticDataset(split, n_examples, synthetic, start=start)
+    return [q for i in range(len(data)) for q in queries_from_example(data[i], tasks)]
+
+
+def run_eval(engine, queries: Sequence[Query], with_answers: bool = False) -> dict[str, Any]:
+    """Answers `queries` with `engine` and scores them; adds timing and the machine."""
+    t0 = time.perf_counter()
+    answers = engine.answer(queries)
+    elapsed = time.perf_counter() - t0
+    report = score(queries, answers)
+    report["seconds"] = elapsed
+    report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "cpus": os.cpu_count()}  # fmt: skip
+    if with_answers:
+        report["answers"] = [
+            {"task": q.task, "question": q.question, "answer": a, **q.source,
+             "count": q.count, "boxes": [list(b) for b in q.boxes]}
+            for q, a in zip(queries, answers, strict=True)
+        ]  # fmt: skip
+    return report
