@@ -31,7 +31,7 @@ from molmo_model.vllm_adapter import build_vllm_prompt, flatten_messages
 pytestmark = pytest.mark.vllm
 
 NEW_TOKENS = 12
-LOGPROB_ATOL = 2e-3  # float32 through different kernels (vLLM's CPU attention vs SDPA)
+LOGPROB_ATOL = 5e-4  # float32 through different kernels; observed differences are ~1e-5
 
 
 @pytest.fixture(scope="module")
