@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# Run as a script, this folder comes first on sys.path and benchmarks/kernels.py would
+# Run as a script, this folder comes first on sys.path and a module named like a package would
 # shadow the `kernels` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]

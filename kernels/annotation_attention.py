@@ -223,7 +223,7 @@ def _annotation_attention_bwd_dq_kernel(
 def _tile_config(q: torch.Tensor) -> dict:
     """Per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_D and the fp32 dot precision.
 
-    The half-precision tiles were picked on an H100 (benchmarks/kernels.py shapes): the backward
+    The half-precision tiles were picked on an H100 (benchmarks/kernel_ops.py shapes): the backward
     kernels hold the long side of their tile fixed (128 keys for dK/dV, 128 queries for dQ)."""
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     if not q.is_cuda:  # the interpreter: small, unequal tiles so small test shapes span several

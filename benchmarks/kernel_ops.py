@@ -1,7 +1,7 @@
 """Benchmark the Triton kernels of `kernels/` against their PyTorch references on a GPU.
 
-    python benchmarks/kernels.py --check     # check against the references, then time (< 90 s)
-    python benchmarks/kernels.py             # time only
+    python benchmarks/kernel_ops.py --check     # check against the references, then time (< 90 s)
+    python benchmarks/kernel_ops.py             # time only
 
 Ops, shapes and providers (each timed forward and forward+backward, in bf16 and fp16):
 - attention_pool, N = 12 crops x 144 windows x 8 images = 13824 windows, K = 4, H = 16, D = 64:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device on this machine; the Triton kernels run on "
+        print("benchmarks/kernel_ops.py: no CUDA device on this machine; the Triton kernels run on "
               "GPUs only (CPU code uses the PyTorch references). Nothing to benchmark.")
         return 0
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
