@@ -24,18 +24,24 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
+# Run as a script, this file's folder comes first on sys.path and its name would hide the
+# `training` package: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from molmo_model.model import MolmoForCausalLM
-from molmo_model.preprocessing import MolmoPreprocessor
-from molmo_model.tokenizer import build_tokenizer
-from training.config import DEMO_SCENE, DataConfig, ModelSpec
-from training.data import SyntheticDataset
-from training.packing import collate, pack_example, split_annotations
-from training.recipe import OPTIM_PRESETS, build_optimizer, init_from_scratch
+import torch  # noqa: E402
+
+from molmo_model.model import MolmoForCausalLM  # noqa: E402
+from molmo_model.preprocessing import MolmoPreprocessor  # noqa: E402
+from molmo_model.tokenizer import build_tokenizer  # noqa: E402
+from training.config import DEMO_SCENE, DataConfig, ModelSpec  # noqa: E402
+from training.data import SyntheticDataset  # noqa: E402
+from training.packing import collate, pack_example, split_annotations  # noqa: E402
+from training.recipe import OPTIM_PRESETS, build_optimizer, init_from_scratch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -254,6 +254,12 @@ def test_few_steps_lower_the_loss(tmp_path):
     assert json.loads((final / "train_config.json").read_text())["run"]["steps"] == 8
 
 
+def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
+    final = train(_run_config(tmp_path, steps=50, time_limit_s=1e-3))
+    assert (tmp_path / "checkpoints" / "step-000001" / STATE_FILE).exists()
+    assert (final / "model.safetensors").exists()
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Response dropout draws from the RNG, so the restored RNG state matters too.
@@ -368,6 +374,23 @@ def test_config_rejects_unknown_keys_and_loads_toml(tmp_path):
     assert cfg.run.steps == 7 and cfg.optim.llm_lr == 1e-5 and cfg.optim.connector_lr == 5e-6
     assert cfg.data.synthetic().scene.max_count == 4
     assert cfg.data.synthetic().scene.kinds == tuple(DEMO_SCENE["kinds"])  # the preset's, kept
+
+
+def test_length_sorted_split_keeps_the_loss_and_pads_less(pre, config, model64):
+    cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=4)
+    t = _tokens_per_crop(config)
+    whole = StepBatches(cfg, pre, t, end_step=1)[0]
+    cfg.max_batch_tokens = 1200
+    split = StepBatches(cfg, pre, t, end_step=1)[0]
+    assert len(whole) == 1 and len(split) > 1
+    assert sum(b.input_ids.numel() for b in split) < whole[0].input_ids.numel()
+    assert sum(b.n_images for b in split) == 4
+
+    def loss(b):
+        b.images = b.images.double()
+        return _loss_sum(model64, b)
+
+    assert torch.allclose(sum(loss(b) for b in split), loss(whole[0]), rtol=1e-6)
 
 
 def test_step_batches_carry_real_annotation_text(pre, config):

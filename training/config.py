@@ -163,6 +163,7 @@ class RunConfig:
     response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
     export_dir: str | None = None  # also write the final served model here
+    time_limit_s: float = 0.0  # stop (checkpoint + final model) once the loop has run this long; 0 = no limit
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
@@ -271,10 +272,12 @@ DEMO_SCENE = {
 def _demo() -> TrainConfig:
     return TrainConfig(
         model=ModelSpec(preset="demo"),
-        data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024),
+        data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024,
+                        max_batch_tokens=2400),
         optim=dataclasses.replace(OPTIM_PRESETS["demo"]),
-        run=RunConfig(out_dir="runs/demo", steps=480, log_every=10, save_every=40, eval_every=160,
-                      eval_examples=12, threads=1, export_dir="models/molmo-demo"),
+        # ~2-3 s a step on one shared core; the time limit keeps the run inside 45 minutes.
+        run=RunConfig(out_dir="runs/demo", steps=900, log_every=10, save_every=50, eval_every=300,
+                      eval_examples=12, threads=1, export_dir="models/molmo-demo", time_limit_s=2580),
     )  # fmt: skip
 
 

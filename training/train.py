@@ -423,11 +423,20 @@ def train(cfg: TrainConfig) -> Path:
             if d.main:
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps:
+        # Every rank stops at the same step: rank 0's clock decides.
+        out_of_time = cfg.run.time_limit_s > 0 and all_reduce_sum(
+            float(d.main and time.perf_counter() - t_start > cfg.run.time_limit_s), d
+        ) > 0
+        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps or out_of_time:
             position = {"step": step, "images_seen": step * batches.global_batch}
             save_training_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg, d, position)
             if d.main:
                 plot_losses(log_path, run_dir / "loss.png")
+        if out_of_time:
+            if d.main:
+                print(f"time limit of {cfg.run.time_limit_s:.0f} s reached at step {step}; "
+                      "the run resumes from here if started again with a larger limit")  # fmt: skip
+            break
     if bar is not None:
         bar.close()
 
