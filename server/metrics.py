@@ -4,8 +4,9 @@ Each app has its own CollectorRegistry (several apps can live in one test proces
 page also carries the default registry, where vLLM's engine publishes its `vllm:` metrics.
 
 Latencies are seen from the server: time to first token and end-to-end latency run from
-the moment the request's body was parsed; inter-token latency is observed once per token
-after the first (a streamed chunk of k tokens contributes k observations of gap/k).
+the moment the request's body was parsed; inter-token latency is each request's mean time
+between output tokens after the first (one observation per request; vLLM's own per-token
+`vllm:inter_token_latency_seconds` is on the same page).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ServerMetrics:
         )
         self.itl = Histogram(
             "molmo_inter_token_latency_seconds",
-            "Time between consecutive generated tokens",
+            "Mean time between consecutive generated tokens, one observation per request",
             buckets=_ITL_BUCKETS,
             registry=r,
         )
@@ -94,10 +95,9 @@ class ServerMetrics:
         """`gaps`: (seconds, tokens) spans after the first token."""
         if ttft is not None:
             self.ttft.observe(ttft)
-        for seconds, tokens in gaps:
-            if tokens > 0:
-                for _ in range(tokens):
-                    self.itl.observe(seconds / tokens)
+        tokens = sum(n for _, n in gaps)
+        if tokens > 0:
+            self.itl.observe(sum(seconds for seconds, _ in gaps) / tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -13,7 +13,6 @@ vLLM's generator aborts the request in the engine.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+from pydantic_core import to_json
 
 from molmo_model.preprocessing import image_token_count
 from server.config import ServerConfig
@@ -288,7 +288,7 @@ class Serving:
         extra = {"usage": None} if include_usage else {}
 
         def event(choices: list[dict[str, Any]]) -> str:
-            return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+            return f"data: {_json({**base, 'choices': choices, **extra})}\n\n"
 
         texts = [""] * req.n
         completion_tokens = 0
@@ -352,7 +352,7 @@ class Serving:
                     completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens,
                 )
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage.model_dump()})}\n\n"
+                yield f"data: {_json({**base, 'choices': [], 'usage': usage.model_dump()})}\n\n"
         yield "data: [DONE]\n\n"
 
     # ---------------------------------------------------------------- point
@@ -508,6 +508,10 @@ class Serving:
         await self.images.aclose()
         for task in list(self._aborts):
             task.cancel()
+
+
+def _json(obj: Any) -> str:
+    return to_json(obj).decode()  # pydantic's Rust encoder: several times json.dumps' speed
 
 
 def _finish(reason: str | None) -> str | None:

@@ -464,7 +464,7 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
     h = {"Authorization": f"Bearer {KEY}"}
     body = {
         "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 1000,
+        "max_tokens": MAX_MODEL_LEN - 64,
         "ignore_eos": True,  # the random model must not finish on its own
         "stream": True,
     }
@@ -473,14 +473,16 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
         async with httpx.AsyncClient(
             base_url=server.url, headers=h, timeout=120, limits=httpx.Limits(max_connections=100)
         ) as c:
-            streams = []
-            for _ in range(MAX_QUEUE):
+
+            async def open_stream():
                 cm = c.stream("POST", "/v1/chat/completions", json=body)
                 r = await cm.__aenter__()
                 assert r.status_code == 200
-                lines = r.aiter_lines()
-                assert (await anext(lines)).startswith("data: ")  # admitted and streaming
-                streams.append((cm, lines))
+                lines = r.aiter_lines()  # kept: dropping the iterator closes the connection
+                assert (await anext(lines)).startswith("data: ")  # admitted, streaming
+                return cm, lines
+
+            streams = await asyncio.gather(*(open_stream() for _ in range(MAX_QUEUE)))
             in_flight = metric(server, "molmo_requests_running") + metric(
                 server, "molmo_requests_waiting"
             )
@@ -519,6 +521,40 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+# ---------------------------------------------------------------- python client
+
+
+def test_python_client(server: Server) -> None:
+    from clients.molmo_client import MolmoAPIError, MolmoClient, Point
+    from server.points import pixel_points, points_in_answer
+
+    img = Image.new("RGB", (90, 60), "white")
+    with MolmoClient(server.url, api_key=KEY) as client:
+        assert client.health() and client.models() == ["tiny"]
+        reply = client.chat("Point to the dot.", images=[img], max_tokens=6, n=2, temperature=1.0)
+        assert len(reply.choices) == 2 and reply.usage.completion_tokens <= 12
+        assert reply.points == [
+            Point(**p.model_dump()) for p in points_in_answer(reply.text, [(90, 60)])
+        ]
+        pieces = list(client.stream_chat("Hi", images=[img], max_tokens=4, temperature=0))
+        assert isinstance(pieces[-1], list)  # the points come last
+        assert (
+            "".join(p for p in pieces if isinstance(p, str))
+            == client.chat("Hi", images=[img], max_tokens=4, temperature=0).text
+        )
+        full = client.point_full(img, "dots", max_tokens=6)
+        assert full["points"] == [
+            Point(**p.model_dump()) for p in pixel_points(full["text"], (90, 60))
+        ]
+        assert client.point(img, "dots", max_tokens=6) == full["points"]  # greedy by default
+        with pytest.raises(MolmoAPIError) as e:
+            client.point(b"not an image", "dots")
+        assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_image", "image")
+    with MolmoClient(server.url) as anonymous, pytest.raises(MolmoAPIError) as e:
+        anonymous.models()
+    assert e.value.status == 401
 
 
 # ---------------------------------------------------------------- fuzz

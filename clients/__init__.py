@@ -1,0 +1,1 @@
+"""Clients for `molmo serve` (see molmo_client.py and example.py)."""
