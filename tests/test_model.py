@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from official_config import OFFICIAL_FIELDS, REMOTE_CODE_FIELDS
 
 from molmo_model.checkpoint import (
     CheckpointError,
@@ -16,32 +17,6 @@ from molmo_model.checkpoint import (
 from molmo_model.config import MolmoConfig, get_preset, tiny
 from molmo_model.generate import generate
 from molmo_model.model import KVCache, MolmoForCausalLM
-
-# The exact fields of Ai2's Molmo-7B-D-0924 config.json (no vision fields).
-OFFICIAL_7B_D = {
-    "architectures": ["MolmoForCausalLM"],
-    "attention_layer_norm": False,
-    "clip_qkv": None,
-    "embedding_size": 152064,
-    "hidden_size": 3584,
-    "initializer_range": 0.02,
-    "intermediate_size": 37888,
-    "layer_norm_eps": 1e-06,
-    "layer_norm_type": "rms",
-    "max_position_embeddings": 4096,
-    "model_type": "molmo",
-    "norm_after": False,
-    "num_attention_heads": 28,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 4,
-    "qkv_bias": True,
-    "rope_theta": 1000000.0,
-    "torch_dtype": "float32",
-    "use_cache": True,
-    "use_position_ids": True,
-    "vocab_size": 152064,
-    "weight_tying": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +39,7 @@ def _inputs(model: MolmoForCausalLM, seq: int = 24, n_crops: int = 2, n_patch: i
 
 
 def test_official_config_loads_with_7b_d_defaults():
-    cfg = MolmoConfig.from_hf_dict(OFFICIAL_7B_D)
+    cfg = MolmoConfig.from_hf_dict(OFFICIAL_FIELDS)
     assert cfg.llm.hidden_size == 3584 and cfg.llm.head_dim == 128
     assert cfg.llm.mlp_hidden_size == 18944
     assert cfg.vision.image_emb_dim == 1024 and cfg.vision.image_num_layers == 23
@@ -73,8 +48,10 @@ def test_official_config_loads_with_7b_d_defaults():
     assert cfg.preprocess.overlap_margins == (4, 4)
     # Our own config writes every official field with the same value.
     ours = get_preset("molmo-7b-d").to_hf_dict()
-    for k, v in OFFICIAL_7B_D.items():
-        assert ours[k] == v, k
+    for k, v in OFFICIAL_FIELDS.items():
+        if k not in REMOTE_CODE_FIELDS:
+            assert ours[k] == v, k
+    assert not set(REMOTE_CODE_FIELDS) & set(ours)  # no remote code in our checkpoints
 
 
 def test_config_roundtrip_and_validation():
