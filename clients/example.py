@@ -43,9 +43,7 @@ def main() -> int:
     image = ImageOps.exif_transpose(Image.open(args.image)) if args.image else synthetic_image()
     with MolmoClient(args.url, api_key=args.api_key) as client:
         try:
-            answer = client.point_full(
-                image if not args.image else args.image, args.object, max_tokens=args.max_tokens
-            )
+            answer = client.point_full(args.image or image, args.object, max_tokens=args.max_tokens)
             reply = client.chat(f"How many {args.object} are there?", images=[image], max_tokens=32)
         except MolmoAPIError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -70,6 +70,8 @@ def create_app(
     tokenizer = MolmoTokenizer.from_dir(config.model)
     metrics = ServerMetrics()
     serving = Serving(config, info, tokenizer, metrics)
+    built = threading.Event()  # the engine thread has finished (engine or exception in box)
+    box: list[Any] = []  # no future keeps the engine alive (see the lifespan's end)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,6 +83,10 @@ def create_app(
                 start.cancel()
                 with suppress(asyncio.CancelledError):
                     await start
+                # Stopped while the engine was starting: let it finish, then shut it down.
+                await asyncio.to_thread(built.wait)
+                if box and not isinstance(box[0], Exception):
+                    serving.engine = box.pop()
             await serving.aclose()
             engine, serving.engine = serving.engine, None
             if engine is not None:
@@ -94,13 +100,13 @@ def create_app(
         t = time.perf_counter()
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
-        box: list[Any] = []  # the engine or the exception; no future keeps the engine alive
 
         def build() -> None:
             try:
                 box.append(engine_factory(config))
             except Exception as e:
                 box.append(e)
+            built.set()
             loop.call_soon_threadsafe(done.set)
 
         threading.Thread(target=build, name="engine-start", daemon=True).start()
