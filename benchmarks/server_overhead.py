@@ -15,10 +15,10 @@ machine is shared: best-of estimates each server's own cost); then the ratios
 ours / vLLM (throughput: higher is better; TTFT: lower is better). Goal: our server costs
 <= 5%, i.e. throughput ratio >= 0.95 and TTFT ratio <= 1.05.
 
-Two measures that other jobs on a shared machine barely move are reported beside them:
-the CPU time the API process (HTTP server + vLLM's frontend, not the engine processes)
-spends per request, and "HTTP TTFT": the client's mean TTFT minus vLLM's own engine TTFT
-(`vllm:time_to_first_token_seconds`), i.e. what the serving layer adds before the first token.
+Beside them, a measure that other jobs on a shared machine barely move: the CPU time the
+API process (HTTP server + vLLM's frontend, not the engine processes) spends per request.
+(vLLM's own engine TTFT cannot split the two servers' TTFT fairly: vLLM's chat path starts
+that clock before it decodes the images, ours hands the engine already decoded ones.)
 
     VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/server_overhead.py [--model DIR] [--max-tokens 32]
 
@@ -36,7 +36,6 @@ import io
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -193,19 +192,6 @@ def bodies_for(images: list[str], n: int, max_tokens: int) -> list[dict]:
     ]
 
 
-def engine_ttft(url: str) -> tuple[float, float]:
-    """(sum, count) of vLLM's own time-to-first-token histogram: the engine's share of TTFT
-    (from the request's arrival in vLLM's input processor to its first token)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    values = []
-    for part in ("sum", "count"):
-        m = re.search(
-            rf"^vllm:time_to_first_token_seconds_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M
-        )
-        values.append(float(m.group(1)) if m else float("nan"))
-    return values[0], values[1]
-
-
 def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system) of one process, not its children: the API process."""
     try:
@@ -225,12 +211,11 @@ def measure(
         n = max(args.min_requests, args.requests_per_slot * c)
         best = None
         for _ in range(args.repeats):
-            cpu0, engine0 = cpu_seconds(server.proc.pid), engine_ttft(server.url)
+            cpu0 = cpu_seconds(server.proc.pid)
             wall, results = asyncio.run(
                 run_level(server.url, bodies_for(images, n, args.max_tokens), c)
             )
-            cpu1, engine1 = cpu_seconds(server.proc.pid), engine_ttft(server.url)
-            engine_mean = (engine1[0] - engine0[0]) / max(engine1[1] - engine0[1], 1)
+            cpu1 = cpu_seconds(server.proc.pid)
             out_tokens = sum(r["usage"]["completion_tokens"] for r in results)
             ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
             row = {
@@ -249,9 +234,6 @@ def measure(
                 "api_cpu_ms_per_request": None
                 if cpu0 is None or cpu1 is None
                 else (cpu1 - cpu0) / n * 1e3,
-                # Client TTFT minus the engine's: what the HTTP layer adds before the first
-                # token reaches the client (means, so the two subtract consistently).
-                "frontend_ttft_ms": (statistics.mean(ttfts) - engine_mean) * 1e3,
             }
             if best is None or row["req_per_s"] > best["req_per_s"]:
                 best = row
@@ -351,7 +333,6 @@ def main() -> int:
             best["ttft_median_s"] = min(r["ttft_median_s"] for r in mine)
             cpu = [r["api_cpu_ms_per_request"] for r in mine]
             best["api_cpu_ms_per_request"] = None if None in cpu else min(cpu)
-            best["frontend_ttft_ms"] = min(r["frontend_ttft_ms"] for r in mine)
             best["runs"] = len(mine)
             rows.append(best)
 
@@ -376,14 +357,14 @@ def main() -> int:
 
     print(
         f"\n{'server':>6} {'conc':>4} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p90':>9}"
-        f" {'e2e p50':>8} {'API CPU/req':>12} {'HTTP TTFT':>10}"
+        f" {'e2e p50':>8} {'API CPU/req':>12}"
     )
     for r in rows:
         cpu = r["api_cpu_ms_per_request"]
         print(
             f"{r['server']:>6} {r['concurrency']:>4} {r['req_per_s']:8.2f} {r['out_tok_per_s']:8.1f} "
             f"{r['ttft_median_s'] * 1e3:7.1f}ms {r['ttft_p90_s'] * 1e3:7.1f}ms {r['e2e_median_s']:7.3f}s"
-            f" {'-' if cpu is None else f'{cpu:9.1f} ms':>12} {r['frontend_ttft_ms']:7.1f} ms"
+            f" {'-' if cpu is None else f'{cpu:9.1f} ms':>12}"
         )
     print(
         f"\n{'conc':>4} {'throughput ours/vllm':>21} {'TTFT p50 ours/vllm':>19} {'API CPU ours/vllm':>18}"
