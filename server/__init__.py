@@ -11,6 +11,7 @@ Files, read in this order:
   points.py    model text -> points in pixels of the image they refer to
   metrics.py   Prometheus metrics of the server
   engine.py    building vLLM's AsyncLLM and reading the model folder
+  outputs.py   engine outputs and errors -> usage, logprobs, finish reasons, HTTP statuses
   serving.py   the serving layer: request -> engine -> response, stream or error
   app.py       FastAPI app: routes, auth / body-size middleware, error handlers
   cli.py       argument parsing, default model, uvicorn with graceful shutdown

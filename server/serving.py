@@ -13,14 +13,12 @@ vLLM's generator aborts the request in the engine.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from pydantic_core import to_json
 
 from molmo_model.preprocessing import image_token_count
 from server.config import ServerConfig
@@ -28,6 +26,7 @@ from server.engine import ModelInfo
 from server.errors import APIError, bad_request
 from server.images import ImageFetcher
 from server.metrics import ServerMetrics
+from server.outputs import engine_error, event_json, finish_reason, logprobs, sampling, usage
 from server.points import pixel_points, points_in_answer
 from server.prompts import Tokenizer, parse_messages, point_messages, prompt_ids
 from server.protocol import (
@@ -35,16 +34,10 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
-    ChoiceLogprobs,
     PointRequest,
     PointResponse,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
     random_id,
 )
-
-logger = logging.getLogger("server")
 
 POINT_MAX_TOKENS = 512  # default answer budget of /v1/point (40 points fit)
 _END = object()
@@ -239,7 +232,7 @@ class Serving:
         prepared = await self.prepare(chat.messages, chat.image_urls)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(req.requested_max_tokens, prepared.prompt_len, param)
-        params = _sampling(lambda: req.to_sampling_params(max_tokens, stream=req.stream))
+        params = sampling(lambda: req.to_sampling_params(max_tokens, stream=req.stream))
         request_id = random_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -255,17 +248,19 @@ class Serving:
                     message=AssistantMessage(
                         content=o.text, points=points_in_answer(o.text, prepared.sizes)
                     ),
-                    logprobs=self._logprobs(o.token_ids, o.logprobs, req.top_logprobs or 0)
+                    logprobs=logprobs(
+                        self.tokenizer, o.token_ids, o.logprobs, req.top_logprobs or 0
+                    )
                     if req.logprobs
                     else None,
-                    finish_reason=_finish(o.finish_reason),
+                    finish_reason=finish_reason(o.finish_reason),
                 )
             )
         return ChatCompletionResponse(
             id=request_id,
             model=self.info.name,
             choices=choices,
-            usage=self._usage(final, prepared, completion_tokens),
+            usage=usage(_prompt_tokens(final, prepared), completion_tokens),
         )
 
     async def _stream_chat(
@@ -288,7 +283,7 @@ class Serving:
         extra = {"usage": None} if include_usage else {}
 
         def event(choices: list[dict[str, Any]]) -> str:
-            return f"data: {_json({**base, 'choices': choices, **extra})}\n\n"
+            return f"data: {event_json({**base, 'choices': choices, **extra})}\n\n"
 
         texts = [""] * req.n
         completion_tokens = 0
@@ -320,8 +315,8 @@ class Serving:
                             {
                                 "index": o.index,
                                 "delta": {"content": o.text},
-                                "logprobs": self._logprobs(
-                                    o.token_ids, o.logprobs, req.top_logprobs or 0
+                                "logprobs": logprobs(
+                                    self.tokenizer, o.token_ids, o.logprobs, req.top_logprobs or 0
                                 ).model_dump()
                                 if req.logprobs
                                 else None,
@@ -335,7 +330,7 @@ class Serving:
                                 "index": o.index,
                                 "delta": {"points": [p.model_dump() for p in points]},
                                 "logprobs": None,
-                                "finish_reason": _finish(o.finish_reason),
+                                "finish_reason": finish_reason(o.finish_reason),
                             }
                         )
                 if choices:
@@ -347,12 +342,8 @@ class Serving:
         else:
             self._observe(timing, prompt_tokens, completion_tokens)
             if include_usage:
-                usage = Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                )
-                yield f"data: {_json({**base, 'choices': [], 'usage': usage.model_dump()})}\n\n"
+                counts = usage(prompt_tokens, completion_tokens).model_dump()
+                yield f"data: {event_json({**base, 'choices': [], 'usage': counts})}\n\n"
         yield "data: [DONE]\n\n"
 
     # ---------------------------------------------------------------- point
@@ -380,7 +371,7 @@ class Serving:
             )
 
         request_id = random_id("point")
-        final = await self._generate_final(prepared, _sampling(params), request_id, t0, slot)
+        final = await self._generate_final(prepared, sampling(params), request_id, t0, slot)
         o = final.outputs[0]
         points = pixel_points(o.text, prepared.sizes[0])
         return PointResponse(
@@ -389,7 +380,7 @@ class Serving:
             points=points,
             count=len(points),
             text=o.text,
-            usage=self._usage(final, prepared, len(o.token_ids)),
+            usage=usage(_prompt_tokens(final, prepared), len(o.token_ids)),
         )
 
     # ---------------------------------------------------------------- engine
@@ -419,7 +410,7 @@ class Serving:
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
-                    raise _engine_error(item)
+                    raise engine_error(item)
                 yield item
         finally:
             if not task.done():
@@ -458,98 +449,12 @@ class Serving:
 
     # ---------------------------------------------------------------- formatting
 
-    def _usage(self, final: Any, prepared: Prepared, completion_tokens: int) -> Usage:
-        prompt_tokens = (
-            len(final.prompt_token_ids) if final.prompt_token_ids else prepared.prompt_len
-        )
-        return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-    def _logprobs(self, token_ids: Any, logprobs: Any, top: int) -> ChoiceLogprobs:
-        """OpenAI's logprobs for generated tokens. vLLM gives, per position, the `top` best
-        tokens (rank 1..top) plus the sampled one with its own rank."""
-        content: list[TokenLogprob] = []
-        for token_id, position in zip(token_ids, logprobs or [], strict=False):
-            best = sorted(
-                (
-                    item
-                    for item in position.items()
-                    if item[1].rank is not None and item[1].rank <= top
-                ),
-                key=lambda item: item[1].rank,
-            )
-            content.append(
-                TokenLogprob(
-                    **self._token(token_id, position.get(token_id)),
-                    top_logprobs=[TopLogprob(**self._token(t, lp)) for t, lp in best],
-                )
-            )
-        return ChoiceLogprobs(content=content)
-
-    def _token(self, token_id: int, lp: Any) -> dict[str, Any]:
-        text = lp.decoded_token if lp is not None and lp.decoded_token is not None else None
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-        value = (
-            -9999.0
-            if lp is None or lp.logprob != lp.logprob or lp.logprob < -9999.0
-            else lp.logprob
-        )
-        return {
-            "token": text,
-            "logprob": value,
-            "bytes": list(text.encode("utf-8", errors="replace")),
-        }
-
     async def aclose(self) -> None:
         await self.images.aclose()
         for task in list(self._aborts):
             task.cancel()
 
 
-def _json(obj: Any) -> str:
-    return to_json(obj).decode()  # pydantic's Rust encoder: several times json.dumps' speed
-
-
-def _finish(reason: str | None) -> str | None:
-    return {"abort": "stop", "error": "stop"}.get(reason, reason) if reason else reason
-
-
-def _sampling(build: Any) -> Any:
-    """Build SamplingParams; vLLM's own checks (e.g. n > 1 with greedy sampling) become 400s."""
-    from vllm.exceptions import VLLMValidationError
-
-    try:
-        return build()
-    except VLLMValidationError as e:
-        raise bad_request(str(e), param=e.parameter) from None
-    except ValueError as e:
-        raise bad_request(str(e)) from None
-
-
-def _engine_error(e: BaseException) -> APIError:
-    """What the engine raised, as the status the client should see."""
-    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMValidationError
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    if isinstance(e, APIError):
-        return e
-    cause = e.__cause__ if e.__cause__ is not None else e
-    if isinstance(cause, VLLMValidationError):
-        return bad_request(str(cause), param=cause.parameter)
-    if isinstance(cause, (VLLMClientError, ValueError, TypeError)):
-        return bad_request(str(cause))
-    if isinstance(e, GracefulHTTPError):
-        return APIError(
-            503,
-            str(e) or "the engine's queue is full",
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(e, EngineDeadError):
-        return APIError(503, "the engine has stopped", code="engine_dead")
-    logger.error("engine error", exc_info=e)
-    return APIError(500, f"internal error: {type(cause).__name__}", code="engine_error")
+def _prompt_tokens(final: Any, prepared: Prepared) -> int:
+    """The engine's count (image tokens expanded); ours if it gave none."""
+    return len(final.prompt_token_ids) if final.prompt_token_ids else prepared.prompt_len

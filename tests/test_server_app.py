@@ -26,10 +26,11 @@ from server.config import ServerConfig
 from server.errors import APIError
 from server.images import ImageFetcher, split_data_url
 from server.metrics import ServerMetrics
+from server.outputs import engine_error, logprobs, sampling
 from server.points import pixel_points, points_in_answer
 from server.prompts import parse_messages, prompt_ids
 from server.protocol import ChatCompletionRequest, ChatMessage
-from server.serving import Serving, _sampling
+from server.serving import Serving
 
 KEY = "sekret"
 
@@ -348,8 +349,44 @@ def test_vllm_only_checks_become_400() -> None:
         {"messages": [user("hi")], "n": 2, "temperature": 0}
     )
     with pytest.raises(APIError) as e:
-        _sampling(lambda: greedy_n.to_sampling_params(4, stream=False))
+        sampling(lambda: greedy_n.to_sampling_params(4, stream=False))
     assert e.value.status == 400 and "n must be 1" in e.value.message
+
+
+def test_engine_errors_map_to_client_or_server_status() -> None:
+    from vllm.exceptions import QueueOverflowError, VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    wrapped = EngineGenerateError()
+    wrapped.__cause__ = ValueError("prompt has 2 <|image|> placeholders for 1 image")
+    cases = [
+        (VLLMValidationError("too long", parameter="max_tokens"), 400, "max_tokens"),
+        (wrapped, 400, None),
+        (QueueOverflowError(), 503, None),
+        (EngineDeadError(), 503, None),
+        (RuntimeError("bug"), 500, None),
+    ]
+    for error, status, param in cases:
+        e = engine_error(error)
+        assert (e.status, e.param) == (status, param), error
+        assert e.body()["error"]["message"]
+
+
+def test_logprobs_follow_openais_shape(serving: Serving) -> None:
+    from vllm.logprobs import Logprob
+
+    tok = serving.tokenizer
+    a, b, c = tok.encode("a")[0], tok.encode("b")[0], tok.encode("c")[0]
+    positions = [
+        {a: Logprob(-0.1, 1, "a"), b: Logprob(-2.5, 2, "b"), c: Logprob(float("-inf"), 40, None)},
+        {a: Logprob(-0.3, 1, "a"), b: Logprob(-1.5, 2, "b")},
+    ]
+    out = logprobs(tok, [c, a], positions, top=2).model_dump()["content"]
+    sampled_c, sampled_a = out
+    assert sampled_c["token"] == "c" and sampled_c["logprob"] == -9999.0  # -inf is not JSON
+    assert [t["token"] for t in sampled_c["top_logprobs"]] == ["a", "b"]  # rank order, top 2
+    assert sampled_a["logprob"] == -0.3 and sampled_a["bytes"] == [ord("a")]
+    assert logprobs(tok, [a], positions[:1], top=0).content[0].top_logprobs == []
 
 
 # ---------------------------------------------------------------- images
