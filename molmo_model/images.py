@@ -128,6 +128,9 @@ def _decode(image: Image.Image) -> None:
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     try:
+        # exif_transpose copies the image even when there is nothing to do: look first.
+        if image.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation
+            return image
         rotated = ImageOps.exif_transpose(image)
     except Exception:
         # A malformed EXIF block should not cost the user their image: keep it as stored.
