@@ -23,15 +23,20 @@ from pathlib import Path
 from server.config import ServerConfig
 
 DEFAULT_PRESET = "tiny"
+# The project's trained demo model (`molmo train --preset demo`; see its README.md).
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "molmo-demo"
 
 
-def default_model_dir() -> Path:
+def default_model_dir(prefer_demo: bool = True) -> Path:
     """The model `molmo serve` runs when given no --model.
 
-    For now: a random-weight `tiny` checkpoint, written once to ~/.cache/molmo-serve/tiny
-    (or $MOLMO_SERVE_CACHE/tiny). When the trained demo model exists, this function is the
-    one place to change.
+    The trained demo model committed at models/molmo-demo, when this is a checkout that has
+    it. Otherwise (an install without the repository's models/ folder, or prefer_demo=False)
+    a random-weight `tiny` checkpoint, written once to ~/.cache/molmo-serve/tiny (or
+    $MOLMO_SERVE_CACHE/tiny).
     """
+    if prefer_demo and (DEMO_MODEL / "config.json").is_file():
+        return DEMO_MODEL
     from molmo_model.checkpoint import init_checkpoint
 
     cache = Path(os.environ.get("MOLMO_SERVE_CACHE", Path.home() / ".cache" / "molmo-serve"))

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from server.app import create_app
-from server.cli import config_from_args, default_model_dir, serve
+from server.cli import DEMO_MODEL, config_from_args, default_model_dir, serve
 from server.config import ServerConfig
 from server.errors import APIError
 from server.images import ImageFetcher, split_data_url
@@ -61,14 +61,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     old = os.environ.get("MOLMO_SERVE_CACHE")
     os.environ["MOLMO_SERVE_CACHE"] = str(cache)
     try:
-        path = default_model_dir()
+        path = default_model_dir(prefer_demo=False)
     finally:
         if old is None:
             del os.environ["MOLMO_SERVE_CACHE"]
         else:
             os.environ["MOLMO_SERVE_CACHE"] = old
     assert path == cache / "tiny" and (path / "config.json").is_file()
-    assert default_model_dir.__doc__  # the swap point for the demo model is documented
+    # In a checkout the default is the committed, trained demo model.
+    assert default_model_dir() == DEMO_MODEL and (DEMO_MODEL / "model.safetensors").is_file()
     return str(path)
 
 
