@@ -88,6 +88,8 @@ def save_checkpoint(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         state = {
             k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
@@ -118,6 +120,10 @@ def save_checkpoint(
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        # mkdtemp makes a private (0700) folder: give the checkpoint ordinary permissions.
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():

@@ -114,6 +114,8 @@ class MolmoBlock(nn.Module):
         q = q.view(b, s, h, hd).transpose(1, 2)  # [B, H, S, D]
         k = k.view(b, s, kv, hd).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(b, s, kv, hd).transpose(1, 2)
+        # cos/sin follow the residual stream's dtype (fp32 under autocast): keep q, k in v's.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if segment_ids is not None:

@@ -279,3 +279,27 @@ def test_cli_init_writes_a_loadable_checkpoint(tmp_path):
         "model.safetensors",
         "tokenizer.json",
     }
+
+
+def test_bf16_autocast_forward_with_segments(model: MolmoForCausalLM):
+    # Under autocast the residual stream stays fp32 while projections run in bf16: RoPE must
+    # not turn q and k back to fp32 (attention refuses mixed dtypes).
+    ids, images, masks, order = _inputs(model)
+    labels = ids.clone()
+    labels[:, :14] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, images, masks, order, segment_ids=torch.zeros_like(ids), labels=labels)
+    assert torch.isfinite(out.loss)
+
+
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = init_checkpoint("tiny", tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o644
