@@ -20,10 +20,11 @@ def points_in_answer(text: str, sizes: list[tuple[int, int]]) -> list[PointOut]:
         size = sizes[p.image_index] if 0 <= p.image_index < len(sizes) else None
         out.append(
             PointOut(
-                x=p.x_norm * size[0] if size else None,
-                y=p.y_norm * size[1] if size else None,
-                x_norm=p.x_norm,
-                y_norm=p.y_norm,
+                # Rounded past what Molmo writes (0.1% / 0.001 steps): no float noise in JSON.
+                x=round(p.x_norm * size[0], 2) if size else None,
+                y=round(p.y_norm * size[1], 2) if size else None,
+                x_norm=round(p.x_norm, 6),
+                y_norm=round(p.y_norm, 6),
                 label=p.label,
                 image_index=p.image_index,
             )

@@ -631,3 +631,8 @@ def test_bad_flags_exit_2(model_dir: str, capsys: pytest.CaptureFixture[str]) ->
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_queue"):
         ServerConfig(model=model_dir, max_queue=0)
+
+
+def test_points_carry_no_float_noise() -> None:
+    [p] = points_in_answer('<point x="45.9" y="39.5" alt="c">c</point>', [(336, 336)])
+    assert (p.x_norm, p.y_norm, p.x, p.y) == (0.459, 0.395, 154.22, 132.72)
