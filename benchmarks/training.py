@@ -90,7 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=16, help="images in the epoch")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--model", default="demo", help="model preset (training/config.py MODEL_PRESETS or tiny)")
+    p.add_argument("--model", default="demo", help="model preset (molmo_model.config.PRESETS: demo, tiny)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()

@@ -259,7 +259,35 @@ def tiny(vocab_size: int = 512) -> MolmoConfig:
     )
 
 
-PRESETS = {"molmo-7b-d": molmo_7b_d, "tiny": tiny}
+def demo(vocab_size: int = 512) -> MolmoConfig:
+    """The shape of the CPU-trained demo model (`molmo train --preset demo`): a small ViT and
+    LLM on Molmo's real image geometry, one high-res crop per image (max_crops 1: a global
+    view + one crop, 316 image tokens), LLM head dim 64 (a size vLLM's CPU attention has)."""
+    return MolmoConfig(
+        llm=LLMConfig(
+            hidden_size=192,
+            intermediate_size=2 * 512,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            num_hidden_layers=3,
+            vocab_size=vocab_size,
+            embedding_size=vocab_size,
+            max_position_embeddings=4096,
+            rope_theta=10_000.0,
+        ),
+        vision=VisionConfig(
+            image_emb_dim=128,
+            image_num_heads=2,
+            image_num_key_value_heads=2,
+            image_num_layers=2,
+            image_mlp_dim=256,
+            vit_layers=(-1, -2),
+        ),
+        preprocess=PreprocessConfig(max_crops=1),
+    )
+
+
+PRESETS = {"molmo-7b-d": molmo_7b_d, "tiny": tiny, "demo": demo}
 
 
 def get_preset(name: str, **kwargs: Any) -> MolmoConfig:

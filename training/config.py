@@ -5,7 +5,7 @@ and/or a TOML or JSON file whose tables mirror the dataclasses::
 
     preset = "demo"            # optional: start from a preset, then override
     [model]
-    preset = "demo"            # a model shape from MODEL_PRESETS
+    preset = "demo"            # a model shape from molmo_model.config.PRESETS
     [data]
     batch_size = 8
     [data.scene]               # fields of training.shapes.SceneConfig
@@ -24,60 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from molmo_model.config import LLMConfig, MolmoConfig, PreprocessConfig, VisionConfig, get_preset
+from molmo_model.config import LLMConfig, MolmoConfig, VisionConfig, get_preset
 from training.recipe import OPTIM_PRESETS, OptimConfig
 from training.shapes import SceneConfig
 from training.synthetic import ClockConfig, SyntheticConfig
-
-
-def demo_model() -> MolmoConfig:
-    """The CPU demo's shape: a small ViT and LLM on Molmo's real image geometry (336 px
-    crops, 14 px patches, 2x2 pooling), one high-res crop per image (max_crops 1: a global
-    view + one crop, 316 image tokens), LLM head dim 64 (a size vLLM's CPU attention has)."""
-    return MolmoConfig(
-        llm=LLMConfig(
-            hidden_size=192,
-            intermediate_size=2 * 512,
-            num_attention_heads=3,
-            num_key_value_heads=3,
-            num_hidden_layers=3,
-            vocab_size=512,
-            embedding_size=512,
-            max_position_embeddings=4096,
-            rope_theta=10_000.0,
-        ),
-        vision=VisionConfig(
-            image_emb_dim=128,
-            image_num_heads=2,
-            image_num_key_value_heads=2,
-            image_num_layers=2,
-            image_mlp_dim=256,
-            vit_layers=(-1, -2),
-        ),
-        preprocess=PreprocessConfig(max_crops=1),
-    )
-
-
-MODEL_PRESETS = {"demo": demo_model}
-
-
-def model_preset(name: str) -> MolmoConfig:
-    if name in MODEL_PRESETS:
-        return MODEL_PRESETS[name]()
-    return get_preset(name)
 
 
 @dataclass
 class ModelSpec:
     """Which model to train: a preset shape with fresh weights, or an existing checkpoint."""
 
-    preset: str = "demo"  # MODEL_PRESETS or molmo_model.config.PRESETS
+    preset: str = "demo"  # a molmo_model.config.PRESETS name
     init_from: str | None = None  # a checkpoint folder (served layout) to start from instead
     init: str = "scaled"  # fresh weights: "scaled" (fan-in, recipe.init_from_scratch) or "uniform" (std init_std)
     init_std: float = 0.02  # std of every fresh weight matrix when init = "uniform"
@@ -94,7 +56,7 @@ class ModelSpec:
         if self.init_from is not None:
             cfg = MolmoConfig.load(self.init_from)
         else:
-            cfg = model_preset(self.preset)
+            cfg = get_preset(self.preset)
             llm = {**dataclasses.asdict(cfg.llm), "vocab_size": embedding_size,
                    "embedding_size": embedding_size, **self.llm}  # fmt: skip
             cfg.llm = _build(LLMConfig, llm, "model.llm")
