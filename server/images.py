@@ -111,7 +111,7 @@ class ImageFetcher:
             self._client = httpx.AsyncClient(follow_redirects=True, max_redirects=3)
         try:
             return await asyncio.wait_for(self._read(url, param), self.remote_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise bad_request(
                 f"fetching the image took longer than {self.remote_timeout:g} s",
                 param=param,
