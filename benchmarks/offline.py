@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,33 +37,11 @@ from PIL import Image
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 
+from benchmarks.machine import describe_machine  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8, 32)
 QUESTION = "Describe this image in detail."
-
-
-def machine() -> dict[str, object]:
-    import torch
-    import vllm
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-    }
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -106,7 +83,7 @@ def main() -> int:
     from molmo_model.tokenizer import MolmoTokenizer
     from molmo_model.vllm_adapter import build_vllm_prompt
 
-    info = machine()
+    info = describe_machine(with_vllm=True)
     tmp = None
     model_dir = a.model
     if model_dir is None:

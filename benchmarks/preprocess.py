@@ -23,19 +23,20 @@ import argparse
 import csv
 import io
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image
 
-from molmo_model.config import PreprocessConfig
-from molmo_model.preprocessing import MolmoPreprocessor, load_image
-from molmo_model.tokenizer import build_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks.machine import describe_machine  # noqa: E402
+from molmo_model.config import PreprocessConfig  # noqa: E402
+from molmo_model.preprocessing import MolmoPreprocessor, load_image  # noqa: E402
+from molmo_model.tokenizer import build_tokenizer  # noqa: E402
 
 SIZES = [(336, 336), (1280, 720), (4000, 3000)]
 RESULTS = Path(__file__).parent / "results"
@@ -161,20 +162,6 @@ def measure(methods: dict, seconds: float, min_iters: int = 3) -> dict[str, dict
     return out
 
 
-def machine() -> dict[str, object]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": round(os.getloadavg()[0], 2),  # other jobs on a shared machine
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="time per image size")
@@ -211,7 +198,7 @@ def main() -> None:
             f"{r['resize_ms']:>6.1f}ms {r['patchify_ms']:>7.1f}ms {r['total_ms']:>6.1f}ms "
             f"{r['images_per_s']:>7.2f} {r['speedup_vs_naive']:>7.2f}x"
         )
-    info = machine()
+    info = describe_machine(with_vllm=False)
     print(f"\nmachine: {info}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,6 @@ import csv
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -54,6 +53,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 # shadow the `kernels` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
+
+from benchmarks.machine import describe_machine  # noqa: E402
 
 # vLLM's chat template for Molmo: BOS, every image placeholder first, then the turns.
 # ("openai" content format: image parts reach the template as {"type": "image"}.)
@@ -251,31 +252,6 @@ def measure(
     return rows, check
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    import vllm
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder (default: a fresh tiny checkpoint)")
@@ -298,7 +274,7 @@ def main() -> int:
     template = tmp / "molmo_chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     images = make_images(8, args.image_size)
-    info = machine()
+    info = describe_machine(with_vllm=True)
     on_gpu = info["gpu"] is not None
     common = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", "32"]
     if not on_gpu:

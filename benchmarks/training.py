@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 import torch  # noqa: E402
 
+from benchmarks.machine import describe_machine  # noqa: E402
 from molmo_model.model import MolmoForCausalLM  # noqa: E402
 from molmo_model.preprocessing import MolmoPreprocessor  # noqa: E402
 from molmo_model.tokenizer import build_tokenizer  # noqa: E402
@@ -46,18 +45,6 @@ from training.packing import collate, pack_example, split_annotations  # noqa: E
 from training.recipe import OPTIM_PRESETS, build_optimizer, init_from_scratch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
 
 
 def run_epoch(model, optimizer, sequences, batch: int, pad_id: int, tokens_per_crop: int, device) -> dict:
@@ -142,7 +129,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
     report = {"benchmark": "training packing", "baseline": "one-per-sequence", "model": a.model,
-              "images": a.images, "batch": a.batch, "rows": rows, "summary": summary, "machine": machine()}  # fmt: skip
+              "images": a.images, "batch": a.batch, "rows": rows, "summary": summary, "machine": describe_machine(with_vllm=False)}  # fmt: skip
     (RESULTS / f"training_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     with (RESULTS / f"training_{tag}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
