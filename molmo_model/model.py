@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels import annotation_attention
 from molmo_model.config import LLMConfig, MolmoConfig
-from molmo_model.vision import MolmoVisionBackbone
+from molmo_model.vision import MolmoVisionBackbone, add_image_features
 
 
 class RMSNorm(nn.Module):
@@ -207,15 +207,8 @@ class MolmoForCausalLM(nn.Module):
         if images is None:
             return x
         feats = self.model.vision_backbone(images, image_masks)  # [C, T, d]
-        feats = feats.flatten(0, 1)[patch_order].to(x.dtype)  # [M, d]
-        where = input_ids == self.im_patch_id
-        if int(where.sum()) != feats.shape[0]:
-            raise ValueError(
-                f"{int(where.sum())} <im_patch> tokens but {feats.shape[0]} image features"
-            )
-        x = x.clone()
-        x[where] = x[where] + feats
-        return x
+        feats = feats.flatten(0, 1)[patch_order]  # [M, d]
+        return add_image_features(x, input_ids == self.im_patch_id, feats)
 
     def forward(
         self,

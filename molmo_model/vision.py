@@ -187,3 +187,16 @@ class MolmoVisionBackbone(nn.Module):
         windows = feats.reshape(n * t * t, p * p, -1)  # [n*t*t, p*p, C2]
         pooled = self.image_pooling_2d(windows)  # [n*t*t, C]
         return self.image_projector(pooled).view(n, t * t, -1)  # [n, t*t, d_model]
+
+
+def add_image_features(embeds: torch.Tensor, where: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Adds image features to the token embeddings at the `<im_patch>` positions, in place, as
+    Ai2's Molmo does (it adds, it does not replace). embeds [..., d] (a fresh embedding
+    output); where: bool, embeds' shape without d; feats [M, d] in token order. Shared by the
+    reference model and the vLLM adapter."""
+    n = int(where.sum())
+    if n != feats.shape[0]:
+        raise ValueError(f"{n} <im_patch> tokens but {feats.shape[0]} image features")
+    embeds[where] = embeds[where] + feats.to(embeds.dtype)
+    return embeds
+

@@ -57,7 +57,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from molmo_model.config import LLMConfig, MolmoConfig
-from molmo_model.vision import MolmoVisionBackbone
+from molmo_model.vision import MolmoVisionBackbone, add_image_features
 from molmo_model.vllm_processor import (
     MolmoDummyInputsBuilder,
     MolmoMultiModalProcessor,
@@ -328,15 +328,8 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal):
         if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
             return x
         assert is_multimodal is not None
-        feats = torch.cat(list(multimodal_embeddings)).to(x.dtype)  # [M, d]
-        where = is_multimodal.to(x.device)
-        if int(where.sum()) != feats.shape[0]:
-            raise ValueError(
-                f"{int(where.sum())} <im_patch> positions but {feats.shape[0]} image features"
-            )
-        # Ai2 adds the image features to the <im_patch> token embeddings.
-        x[where] = x[where] + feats
-        return x
+        feats = torch.cat(list(multimodal_embeddings))  # [M, d]
+        return add_image_features(x, is_multimodal.to(x.device), feats)
 
     # ---- decoder ----
     def forward(

@@ -23,8 +23,10 @@ from kernels.attention_pool import attention_pool, attention_pool_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETING else "cuda"
-if not INTERPRETING and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.skipif(
+    not INTERPRETING and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 or a CUDA device",
+)
 
 NATIVE_CUDA = pytest.mark.skipif(
     DEVICE != "cuda", reason="bf16 needs a GPU: Triton's interpreter has no bfloat16 dot"
