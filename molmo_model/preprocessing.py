@@ -241,7 +241,7 @@ class ResizedView:
     cols: int
 
 
-def _fit_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+def fit_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
     """Ai2's aspect-preserving size: float32 scale = min(H/h, W/w), int() truncation."""
     h32, w32 = np.float32(h), np.float32(w)
     scale = min(np.float32(out_h) / h32, np.float32(out_w) / w32)
@@ -258,7 +258,7 @@ def _resize_into(
     padding is 0 before normalisation, as in Ai2's code."""
     out_h, out_w = canvas.shape[0], canvas.shape[1]
     h, w = pixels.shape[-2:]
-    new_h, new_w = _fit_size(h, w, out_h, out_w)
+    new_h, new_w = fit_size(h, w, out_h, out_w)
     if (new_h, new_w) == (h, w):
         resized = pixels[0]  # [3, h, w]
     else:

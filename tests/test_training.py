@@ -260,22 +260,28 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     assert (final / "model.safetensors").exists()
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-loss"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    # Response dropout draws from the RNG, so the restored RNG state matters too.
-    train(_run_config(straight, steps=4, response_dropout=0.1))
-    train(_run_config(resumed, steps=4, save_every=2, response_dropout=0.1))
+    # Response dropout draws from the RNG, so the restored RNG state matters too; with the
+    # dense loss its training-only head must come back from the checkpoint as well.
+    run = dict(response_dropout=0.1, dense_loss=dense_loss)
+    train(_run_config(straight, steps=4, **run))
+    train(_run_config(resumed, steps=4, save_every=2, **run))
     # Simulate a crash after step 2: drop everything written after its checkpoint.
     import shutil
 
     shutil.rmtree(resumed / "checkpoints" / "step-000004")
     shutil.rmtree(resumed / "model")
     assert (resumed / "checkpoints" / "step-000002" / STATE_FILE).exists()
-    train(_run_config(resumed, steps=4, save_every=2, response_dropout=0.1))
+    train(_run_config(resumed, steps=4, save_every=2, **run))
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    if dense_loss:
+        rows = [json.loads(r) for r in (resumed / "log.jsonl").read_text().splitlines()]
+        assert all(r["dense_loss"] > 0 for r in rows)
     wa, wb = _weights(straight / "model"), _weights(resumed / "model")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-6, atol=1e-7)
@@ -291,13 +297,14 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu"))
+    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu", dense_loss=0.5))
 
 
 def test_two_process_gloo_run_equals_one_process_run(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    # The same global batch: 2 images in one process, or 1 image in each of 2 processes.
-    train(_run_config(one, steps=2, batch_size=2, device="cpu"))
+    # The same global batch: 2 images in one process, or 1 image in each of 2 processes. The
+    # dense loss is on, so its head (outside DDP) must be averaged across processes too.
+    train(_run_config(one, steps=2, batch_size=2, device="cpu", dense_loss=0.5))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
     a, b = _losses(one), _losses(two)
     for step in (1, 2):
@@ -408,3 +415,50 @@ def test_annotation_without_answer_is_rejected(pre):
     bad = Example(_example().image, [Annotation([{"role": "user", "content": "hi"}])])
     with pytest.raises(ValueError, match="assistant"):
         pack_example(bad, pre)
+
+
+# ---------------------------------------------------------------- dense image-token loss
+
+
+def test_dense_targets_mark_every_object_under_its_tokens(pre, config):
+    from training.dense import dense_targets, global_token_centres
+
+    geo = config.preprocess
+    kinds, colours = SCENES.scene.kinds, SCENES.scene.colours
+    for index in range(6):
+        ex = make_example("train", index, SCENES)
+        w, h = ex.image.size
+        t = dense_targets(ex.metadata, w, h, geo, kinds, colours)
+        centres = global_token_centres(w, h, geo)
+        assert t.kind.shape == (geo.tokens_per_side**2,)
+        for o in ex.metadata["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            on = [(x0 <= x < x1 and y0 <= y < y1) for x, y in centres.tolist()]
+            assert any(on), f"object {o} is under no token centre"
+            for i in (i for i, flag in enumerate(on) if flag):
+                assert kinds[int(t.kind[i]) - 1] == o["kind"] and colours[int(t.colour[i]) - 1] == o["colour"]
+                assert t.centre[i].tolist() == pytest.approx([o["centre"][0] / w, o["centre"][1] / h])
+        on_any = t.kind > 0
+        assert int(on_any.sum()) < len(on_any)  # background tokens stay class 0
+        assert bool((t.colour[~on_any] == 0).all()) and bool((t.centre[~on_any] == 0).all())
+    assert dense_targets({}, 336, 336, geo, kinds, colours) is None  # no object list: no targets
+
+
+def test_global_token_centres_follow_the_letterbox(config):
+    from training.dense import global_token_centres
+
+    geo = config.preprocess
+    # 672x336 is scaled by 1/2 onto the 336 canvas and centred vertically (84 px bands).
+    c = global_token_centres(672, 336, geo).view(geo.tokens_per_side, geo.tokens_per_side, 2)
+    step = geo.crop_size / geo.tokens_per_side
+    assert c[0, 0].tolist() == pytest.approx([step, (step / 2 - 84) * 2])
+    assert c[-1, -1, 0].item() == pytest.approx(672 - step)
+
+
+def test_dense_run_serves_a_plain_molmo_checkpoint(tmp_path):
+    final = train(_run_config(tmp_path, steps=2, dense_loss=1.0))
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["dense_loss"] > 0 and "grad_norm_dense" in rows[-1]
+    served = _weights(final)
+    fresh = MolmoForCausalLM(tiny(vocab_size=build_tokenizer().embedding_size)).state_dict()
+    assert set(served) == set(fresh)  # the head is training-only

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from molmo_model.preprocessing import MolmoPreprocessor
 from training.config import DataConfig
 from training.data import JsonlDataset, SyntheticDataset
+from training.dense import dense_targets
 from training.packing import Batch, collate, pack_example, split_annotations
 
 
@@ -43,8 +44,10 @@ class StepBatches(Dataset):
         world_size: int = 1,
         start_step: int = 0,
         end_step: int = 1,
+        dense: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> None:
         self.cfg, self.pre, self.tokens_per_crop = cfg, preprocessor, tokens_per_crop
+        self.dense = dense  # (kinds, colours): attach training.dense targets to each image
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.end_step = start_step, end_step
         self.dataset = make_dataset(cfg)
@@ -84,9 +87,14 @@ class StepBatches(Dataset):
         for p in positions:
             example = self.dataset[self.position_to_index(p)]
             if self.cfg.pack:
-                packed.append(pack_example(example, self.pre, self.cfg.max_len))
+                seqs = [pack_example(example, self.pre, self.cfg.max_len)]
             else:
-                packed.extend(pack_example(e, self.pre, self.cfg.max_len) for e in split_annotations(example))
+                seqs = [pack_example(e, self.pre, self.cfg.max_len) for e in split_annotations(example)]
+            if self.dense is not None:
+                targets = dense_targets(example.metadata, *example.image.size, self.pre.config, *self.dense)
+                for seq in seqs:
+                    seq.dense = targets
+            packed.extend(seqs)
         groups = [packed]
         if self.cfg.max_batch_tokens:
             groups, budget = [[]], self.cfg.max_batch_tokens

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from molmo_model.preprocessing import ImageInputs, MolmoPreprocessor, prompt_text
+from training.dense import DenseTargets
 from training.records import Annotation, Example
 
 IGNORE = -100  # label value with no loss (torch cross_entropy's ignore_index)
@@ -45,6 +46,7 @@ class PackedExample:
     image: ImageInputs | None  # None for a text-only example
     n_annotations: int  # annotations packed (whole or truncated)
     n_dropped: int = 0  # annotations that did not fit in max_len
+    dense: DenseTargets | None = None  # per-token targets of the global view (training.dense)
 
     @property
     def length(self) -> int:
@@ -69,6 +71,8 @@ class Batch:
     patch_order: torch.Tensor | None  # int64 [M]: indexes the batch's pooled features [C * T]
     n_images: int
     n_annotations: int
+    dense: DenseTargets | None = None  # stacked [G, T] targets of the images that have them
+    dense_crops: torch.Tensor | None = None  # int64 [G]: the global-view crop of each, in `images`
 
     @property
     def n_loss_tokens(self) -> int:
@@ -82,6 +86,7 @@ class Batch:
             move(self.input_ids), move(self.labels), move(self.position_ids),
             move(self.segment_ids), move(self.response_mask), move(self.images),
             move(self.image_masks), move(self.patch_order), self.n_images, self.n_annotations,
+            None if self.dense is None else self.dense.to(device), move(self.dense_crops),
         )  # fmt: skip
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
@@ -215,6 +220,7 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
     segment_ids = torch.full((b, s), PAD_SEGMENT, dtype=torch.long)
     response_mask = torch.zeros((b, s), dtype=torch.bool)
     images, masks, orders, offset = [], [], [], 0
+    dense, dense_crops, n_crops = [], [], 0
     for i, e in enumerate(examples):
         n = e.length
         input_ids[i, :n] = e.input_ids
@@ -223,6 +229,10 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
         segment_ids[i, :n] = e.segment_ids
         response_mask[i, :n] = e.response_mask
         if e.image is not None:
+            if e.dense is not None:
+                dense.append(e.dense)
+                dense_crops.append(n_crops)  # the global view is each image's first crop
+            n_crops += e.image.n_crops
             images.append(e.image.images)
             masks.append(e.image.image_masks)
             orders.append(e.image.patch_order + offset)
@@ -238,4 +248,6 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
         patch_order=torch.cat(orders) if orders else None,
         n_images=len(images),
         n_annotations=sum(e.n_annotations for e in examples),
+        dense=DenseTargets.stack(dense) if dense else None,
+        dense_crops=torch.tensor(dense_crops, dtype=torch.long) if dense else None,
     )

@@ -128,9 +128,11 @@ def lr_factor(step: int, warmup: int, total: int, final_fraction: float) -> floa
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimConfig, total_steps: int
+    model: nn.Module, config: OptimConfig, total_steps: int, head: nn.Module | None = None
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with one group per component (empty components are left out) and its schedule."""
+    """AdamW with one group per component (empty components are left out) and its schedule.
+    A training-only `head` (training.dense) gets its own group, "dense", on the connector's
+    LR and warmup."""
     groups = parameter_groups(model)
     names = [c for c in COMPONENTS if groups[c]]
     param_groups = [
@@ -142,6 +144,10 @@ def build_optimizer(
         }
         for c in names
     ]
+    if head is not None:
+        param_groups.append({"params": list(head.parameters()), "lr": config.lr("connector"),
+                             "component": "dense", "weight_decay": config.weight_decay})  # fmt: skip
+        names.append("connector")  # the head's schedule
     # foreach=False keeps the update order fixed, so resumed runs match uninterrupted ones bit
     # for bit; the per-tensor loop costs nothing at the demo's sizes.
     optimizer = torch.optim.AdamW(param_groups, betas=config.betas, eps=config.eps, foreach=False)

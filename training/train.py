@@ -45,6 +45,7 @@ from molmo_model.model import MolmoForCausalLM
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import MolmoTokenizer, build_tokenizer
 from training.config import TrainConfig
+from training.dense import DenseHead, FeatureTap
 from training.loader import StepBatches
 from training.packing import Batch
 from training.recipe import build_optimizer, clip_grad_norms, init_from_scratch
@@ -97,19 +98,39 @@ def all_reduce_sum(value: float, d: Dist) -> float:
 # ---------------------------------------------------------------- one step
 
 
+@dataclass
+class DenseLoss:
+    """training.dense during a run: the head, the tap on the vision features, the weight."""
+
+    head: DenseHead
+    tap: FeatureTap
+    weight: float
+
+
 def forward_backward_step(
     model: nn.Module,
     batch: Batch,
     loss_normalizer: float,
     autocast: contextlib.AbstractContextManager,
     response_dropout: float = 0.0,
-) -> float:
-    """Forward and backward of one micro-batch; returns its summed token loss."""
+    dense: DenseLoss | None = None,
+    dense_share: float = 1.0,
+) -> tuple[float, float]:
+    """Forward and backward of one micro-batch; returns its summed token loss and its dense
+    loss (the mean over its images with targets, 0.0 without). `dense_share` is this
+    micro-batch's share of the step's images with dense targets."""
     with autocast:
         out = model(**batch.model_inputs(), loss_normalizer=loss_normalizer,
                     response_dropout=response_dropout)  # fmt: skip
-    out.loss.backward()
-    return float(out.loss.detach()) * loss_normalizer
+        loss, dense_value = out.loss, 0.0
+        if dense is not None and batch.images is not None:
+            feats = dense.tap.take()
+            if batch.dense is not None:
+                extra = dense.head(feats[batch.dense_crops], batch.dense)
+                dense_value = float(extra.detach())
+                loss = loss + dense.weight * dense_share * extra
+    loss.backward()
+    return float(out.loss.detach()) * loss_normalizer, dense_value
 
 
 def train_step(
@@ -120,19 +141,32 @@ def train_step(
     d: Dist,
     cfg: TrainConfig,
     autocast: contextlib.AbstractContextManager,
+    dense: DenseLoss | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches; returns the step's metrics."""
     # The paper's normaliser: the average number of loss tokens per device, over all devices.
     local_tokens = sum(b.n_loss_tokens for b in micro_batches)
     global_tokens = all_reduce_sum(local_tokens, d)
     normalizer = max(global_tokens / d.world_size, 1.0)
-    loss_sum = 0.0
+    n_dense = sum(0 if b.dense_crops is None else len(b.dense_crops) for b in micro_batches)
+    loss_sum, dense_sum = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(d.device)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        share = 0.0 if batch.dense_crops is None else len(batch.dense_crops) / n_dense
         with sync:
-            loss_sum += forward_backward_step(model, batch, normalizer, autocast, cfg.run.response_dropout)
+            token_loss, dense_value = forward_backward_step(
+                model, batch, normalizer, autocast, cfg.run.response_dropout, dense, share
+            )
+        loss_sum += token_loss
+        dense_sum += dense_value * share
+    if dense is not None and d.enabled:  # the head is outside DDP: average its gradients here
+        for p in dense.head.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= d.world_size
     norms = clip_grad_norms(optimizer, cfg.optim.max_grad_norm)
     lrs = {g["component"]: g["lr"] for g in optimizer.param_groups}
     optimizer.step()
@@ -144,6 +178,7 @@ def train_step(
         "images": int(all_reduce_sum(sum(b.n_images for b in micro_batches), d)),
         "annotations": int(all_reduce_sum(sum(b.n_annotations for b in micro_batches), d)),
         "tokens": int(all_reduce_sum(sum(int((b.segment_ids >= 0).sum()) for b in micro_batches), d)),
+        **({"dense_loss": all_reduce_sum(dense_sum, d) / d.world_size} if dense is not None else {}),
         **{f"lr_{k}": v for k, v in lrs.items()},
         **{f"grad_norm_{k}": v for k, v in norms.items()},
     }
@@ -194,7 +229,7 @@ def save_served(
 
 def save_training_checkpoint(
     run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, tokenizer, cfg: TrainConfig,
-    d: Dist, data_position: dict[str, int],
+    d: Dist, data_position: dict[str, int], dense_head: nn.Module | None = None,
 ) -> Path | None:
     """checkpoints/step-NNNNNN/: the served model (float32) + training_state.pt, written so
     that a folder holding training_state.pt is always complete."""
@@ -216,6 +251,8 @@ def save_training_checkpoint(
             "data": data_position,
             "world_size": d.world_size,
         }
+        if dense_head is not None:  # training-only: never part of the served model
+            state["dense_head"] = {k: v.detach().cpu() for k, v in dense_head.state_dict().items()}
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=out)
         os.close(fd)
         torch.save(state, tmp)
@@ -334,9 +371,18 @@ def train(cfg: TrainConfig) -> Path:
         else:
             model.init_weights(std=cfg.model.init_std, seed=cfg.run.seed)
     model.to(d.device).train()
+    dense, dense_vocab = None, None
+    if cfg.run.dense_loss > 0:
+        if fsdp:
+            raise ValueError("run.dense_loss is not supported with run.parallel = 'fsdp'")
+        scene = cfg.data.synthetic().scene
+        dense_vocab = (scene.kinds, scene.colours)
+        torch.manual_seed(cfg.run.seed + 7)
+        head = DenseHead(config.llm.hidden_size, len(scene.kinds), len(scene.colours)).to(d.device)
+        dense = DenseLoss(head, FeatureTap(model.model.vision_backbone), cfg.run.dense_loss)
     if fsdp:
         model = _shard_fsdp(model)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.steps)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.steps, dense and dense.head)
 
     start = 0
     if resume_from is not None:
@@ -352,6 +398,10 @@ def train(cfg: TrainConfig) -> Path:
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if dense is not None:
+            if "dense_head" not in state:
+                raise ValueError(f"{resume_from} was saved without run.dense_loss; resume it without")
+            dense.head.load_state_dict(state["dense_head"])
         start = int(state["step"])
         if state.get("world_size") == d.world_size:
             set_rng_state(state["rng"][d.rank])
@@ -370,7 +420,8 @@ def train(cfg: TrainConfig) -> Path:
 
     preprocessor = MolmoPreprocessor(config.preprocess, tokenizer)
     batches = StepBatches(cfg.data, preprocessor, config.preprocess.tokens_per_side**2, seed=cfg.run.seed,
-                          rank=d.rank, world_size=d.world_size, start_step=start, end_step=cfg.run.steps)  # fmt: skip
+                          rank=d.rank, world_size=d.world_size, start_step=start, end_step=cfg.run.steps,
+                          dense=dense_vocab)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
         collate_fn=lambda x: x, prefetch_factor=2 if cfg.data.num_workers else None,
@@ -398,7 +449,7 @@ def train(cfg: TrainConfig) -> Path:
     step = start
     for micro_batches in loader:
         t0 = time.perf_counter()
-        metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast)
+        metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast, dense)
         step += 1
         window.append((time.perf_counter() - t0, metrics))
         if bar is not None:
@@ -429,7 +480,8 @@ def train(cfg: TrainConfig) -> Path:
         ) > 0
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps or out_of_time:
             position = {"step": step, "images_seen": step * batches.global_batch}
-            save_training_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg, d, position)
+            save_training_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg, d, position,
+                                     dense and dense.head)  # fmt: skip
             if d.main:
                 plot_losses(log_path, run_dir / "loss.png")
         if out_of_time:
