@@ -149,10 +149,10 @@ def test_truncation_drops_whole_annotations_and_keeps_at_least_one():
     prefix = [7] * 10
     ann = [([1, 2, 3, 4], [False, True, True, True]), ([5] * 30, [False] + [True] * 29), ([6, 6], [False, True])]
     tensors, kept, dropped = pack_tokens(prefix, ann, max_len=17)
-    assert (kept, dropped) == (2, 1)  # the 30-token annotation is dropped, the last one fits
+    assert (kept, dropped) == ([0, 2], 1)  # the 30-token annotation is dropped, the last one fits
     assert tensors["segment_ids"].tolist() == [0] * 10 + [1] * 4 + [2] * 2
     tensors, kept, dropped = pack_tokens(prefix, [ann[1], ann[0]], max_len=15)
-    assert (kept, dropped) == (1, 1)  # the first annotation is cut to fit
+    assert (kept, dropped) == ([0], 1)  # the first annotation is cut to fit
     assert len(tensors["input_ids"]) == 15
     assert tensors["labels"][-1] == IGNORE  # its next token was cut away
     with pytest.raises(ValueError, match="max_len"):
@@ -260,12 +260,12 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     assert (final / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-loss"])
+@pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-and-grounding"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Response dropout draws from the RNG, so the restored RNG state matters too; with the
     # dense loss its training-only head must come back from the checkpoint as well.
-    run = dict(response_dropout=0.1, dense_loss=dense_loss)
+    run = dict(response_dropout=0.1, dense_loss=dense_loss, grounding_loss=dense_loss)
     train(_run_config(straight, steps=4, **run))
     train(_run_config(resumed, steps=4, save_every=2, **run))
     # Simulate a crash after step 2: drop everything written after its checkpoint.
@@ -281,7 +281,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
     if dense_loss:
         rows = [json.loads(r) for r in (resumed / "log.jsonl").read_text().splitlines()]
-        assert all(r["dense_loss"] > 0 for r in rows)
+        assert all(r["dense_loss"] > 0 and r["grounding_loss"] > 0 for r in rows)
     wa, wb = _weights(straight / "model"), _weights(resumed / "model")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-6, atol=1e-7)
@@ -297,14 +297,15 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu", dense_loss=0.5))
+    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu", dense_loss=0.5, grounding_loss=0.5))
 
 
 def test_two_process_gloo_run_equals_one_process_run(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # The same global batch: 2 images in one process, or 1 image in each of 2 processes. The
-    # dense loss is on, so its head (outside DDP) must be averaged across processes too.
-    train(_run_config(one, steps=2, batch_size=2, device="cpu", dense_loss=0.5))
+    # dense and grounding losses are on: the dense head (outside DDP) must be averaged across
+    # processes too, and both normalised by their counts over all processes.
+    train(_run_config(one, steps=2, batch_size=2, device="cpu", dense_loss=0.5, grounding_loss=0.5))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
     a, b = _losses(one), _losses(two)
     for step in (1, 2):
@@ -462,3 +463,41 @@ def test_dense_run_serves_a_plain_molmo_checkpoint(tmp_path):
     served = _weights(final)
     fresh = MolmoForCausalLM(tiny(vocab_size=build_tokenizer().embedding_size)).state_dict()
     assert set(served) == set(fresh)  # the head is training-only
+
+
+def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok):
+    from training.dense import grounding_targets
+
+    checked = 0
+    for index in range(8):
+        ex = make_example("train", index, SCENES)
+        packed = pack_example(ex, pre, 1024)
+        g = grounding_targets(ex, packed, config.preprocess, tok, tok.im_patch_id)
+        if g is None:
+            continue
+        w, h = ex.image.size
+        keys = g.keys[0]
+        assert bool((packed.input_ids[keys] == tok.im_patch_id).all()) and len(keys) == config.preprocess.tokens_per_side**2
+        assert torch.allclose(g.target.sum(-1), torch.ones(len(g)))
+        # Read each coordinate back from the labels: its digits are consecutive queries.
+        labels = packed.labels
+        runs, current = [], []
+        for q, t in enumerate(g.positions.tolist()):
+            if current and t != g.positions[current[-1]] + 1:
+                runs.append(current)
+                current = []
+            current.append(q)
+        runs.append(current)
+        for run in runs:
+            text = tok.decode([int(labels[g.positions[q]]) for q in run])
+            value = float(text)
+            token = int(g.target[run[0]].argmax())
+            assert bool((g.target[run] == g.target[run[0]]).all())
+            # The object under the target tokens has this number as its x or y percentage.
+            from training.dense import global_token_centres
+
+            x, y = global_token_centres(w, h, config.preprocess)[token].tolist()
+            obj = next(o for o in ex.metadata["objects"] if o["box"][0] <= x < o["box"][2] and o["box"][1] <= y < o["box"][3])
+            assert value in (round(obj["centre"][0] / w * 100, 1), round(obj["centre"][1] / h * 100, 1)), (text, obj)
+            checked += 1
+    assert checked > 20

@@ -125,6 +125,8 @@ class RunConfig:
     response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
     dense_loss: float = 0.0  # weight of training.dense's per-token loss on the image features
     # (needs images whose metadata lists their objects: the synthetic scenes); 0 = off
+    grounding_loss: float = 0.0  # weight of training.dense's attention grounding loss; 0 = off
+    grounding_layers: tuple[int, ...] = (-1,)  # LLM layers whose head 0 it supervises
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
     export_dir: str | None = None  # also write the final served model here
     time_limit_s: float = 0.0  # stop (checkpoint + final model) once the loop has run this long; 0 = no limit
@@ -139,8 +141,11 @@ class RunConfig:
             raise ValueError(f"run.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"run.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.dense_loss < 0:
-            raise ValueError(f"run.dense_loss must be >= 0, got {self.dense_loss}")
+        if self.dense_loss < 0 or self.grounding_loss < 0:
+            raise ValueError("run.dense_loss and run.grounding_loss must be >= 0")
+        self.grounding_layers = tuple(int(i) for i in self.grounding_layers)
+        if self.grounding_loss and not self.grounding_layers:
+            raise ValueError("run.grounding_layers: name at least one layer")
         if not 0.0 <= self.response_dropout < 1.0:
             raise ValueError(f"run.response_dropout must be in [0, 1), got {self.response_dropout}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):

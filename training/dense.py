@@ -107,8 +107,9 @@ class DenseHead(nn.Module):
         self.proj = nn.Linear(d_model, self.n_kinds + self.n_colours + 2)
 
     def forward(self, feats: torch.Tensor, targets: DenseTargets) -> torch.Tensor:
-        """feats [G, T, d] (global views), targets stacked [G, T]: the mean over images of each
-        image's loss (so micro-batches and processes add up to the whole batch's value)."""
+        """feats [G, T, d] (global views), targets stacked [G, T]: the sum over images of each
+        image's mean token loss (callers divide by the step's image count, so micro-batches and
+        processes add up to the whole batch's mean)."""
         out = self.proj(feats.float())
         nk, nc = self.n_kinds, self.n_colours
         loss_kind = F.cross_entropy(out[..., :nk].transpose(1, 2), targets.kind, reduction="none")
@@ -116,7 +117,7 @@ class DenseHead(nn.Module):
         on = (targets.kind > 0).float()  # [G, T]
         err = ((out[..., nk + nc :] - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
         loss_centre = (err * on).sum(1) / (2 * on.sum(1)).clamp(min=1.0)  # [G]
-        return (loss_kind.mean(1) + loss_colour.mean(1) + 0.5 * loss_centre).mean()
+        return (loss_kind.mean(1) + loss_colour.mean(1) + 0.5 * loss_centre).sum()
 
 
 class FeatureTap:
@@ -137,3 +138,144 @@ class FeatureTap:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+# ---------------------------------------------------------------- attention grounding
+
+
+@dataclass
+class Grounding:
+    """Where the answers' coordinates should look: for each query position (a token whose
+    label is a digit or the point of a coordinate), a distribution over the global view's
+    `<im_patch>` tokens (uniform over the tokens on the object that coordinate belongs to)."""
+
+    positions: torch.Tensor  # int64 [Q]: sequence positions of the queries
+    keys: torch.Tensor  # int64 [Q, T]: sequence positions of the global view's tokens
+    target: torch.Tensor  # float32 [Q, T], rows sum to 1
+    rows: torch.Tensor | None = None  # int64 [Q]: batch row of each query (set by collate)
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    def for_row(self, row: int) -> Grounding:
+        return Grounding(self.positions, self.keys, self.target, torch.full_like(self.positions, row))
+
+    def to(self, device: torch.device | str) -> Grounding:
+        rows = None if self.rows is None else self.rows.to(device)
+        return Grounding(self.positions.to(device), self.keys.to(device), self.target.to(device), rows)
+
+    @staticmethod
+    def cat(parts: list[Grounding]) -> Grounding:
+        return Grounding(
+            torch.cat([g.positions for g in parts]),
+            torch.cat([g.keys for g in parts]),
+            torch.cat([g.target for g in parts]),
+            torch.cat([g.rows for g in parts]) if all(g.rows is not None for g in parts) else None,
+        )
+
+
+def _single_token(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(f"grounding needs {text!r} to be one token, the tokenizer gives {ids}")
+    return ids[0]
+
+
+def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int) -> Grounding | None:
+    """Attention targets of one packed sequence (`packed.kept` maps segments to annotations).
+
+    The n-th number written right after `="` in an answer is coordinate n of the answer's
+    points, which `molmo_model.points.format_points` orders top-down then left-right; every
+    digit and point of it targets the object under that point (from `metadata["objects"]`).
+    Annotations without points (counts of 0, captions, clocks) give no queries.
+    """
+    objects = example.metadata.get("objects")
+    if objects is None or packed.kept is None or packed.image is None:
+        return None
+    eq, dot = _single_token(tokenizer, '="'), _single_token(tokenizer, ".")
+    digits = {_single_token(tokenizer, str(i)) for i in range(10)}
+    width, height = example.image.size
+    centres = global_token_centres(width, height, geo)
+    x, y = centres[:, 0], centres[:, 1]
+    keys = (packed.input_ids == im_patch_id).nonzero().flatten()[: centres.shape[0]]
+    labels, segments = packed.labels.tolist(), packed.segment_ids
+    positions, targets = [], []
+    for segment, index in enumerate(packed.kept, start=1):
+        points = example.annotations[index].points
+        if not points:
+            continue
+        # format_points' order: rounded percentages, sorted by (y, x).
+        order = sorted(points, key=lambda p: (round(p[1] / height * 100, 1), round(p[0] / width * 100, 1)))
+        masks = []
+        for px, py in order:
+            box = next((o["box"] for o in objects if o["box"][0] <= px <= o["box"][2]
+                        and o["box"][1] <= py <= o["box"][3]), None)  # fmt: skip
+            if box is None:
+                masks = []
+                break
+            on = ((x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])).float()
+            masks.append(on / on.sum().clamp(min=1.0))
+        if not masks:
+            continue
+        number, inside, previous = -1, False, None
+        for t in (segments == segment).nonzero().flatten().tolist():
+            label = labels[t]
+            if label in digits and previous == eq:
+                number, inside = number + 1, True
+            elif label not in digits and label != dot:
+                inside = False
+            if inside and number // 2 < len(masks) and masks[number // 2].sum() > 0:
+                positions.append(t)
+                targets.append(masks[number // 2])
+            previous = label
+    if not positions:
+        return None
+    q = len(positions)
+    return Grounding(torch.tensor(positions), keys.expand(q, -1).clone(), torch.stack(targets))
+
+
+class GroundingLoss:
+    """Cross-entropy between one attention head's distribution over the global view's tokens
+    (head 0 of each of `layers`, RoPE applied as the model does) and the grounding targets.
+    It reads q and k from forward hooks on those blocks' `att_proj`, so the model is untouched."""
+
+    def __init__(self, model: nn.Module, layers: tuple[int, ...]):
+        from molmo_model.model import apply_rope, rope_cos_sin
+
+        self._rope, self._cos_sin = apply_rope, rope_cos_sin
+        self.cfg = model.config.llm
+        self.layers = tuple(layers)
+        blocks = model.model.transformer.blocks
+        for layer in self.layers:
+            if not -len(blocks) <= layer < len(blocks):
+                raise ValueError(f"run.grounding_layers: layer {layer} does not exist ({len(blocks)} layers)")
+        self.taps = [FeatureTap(blocks[layer].att_proj) for layer in self.layers]
+
+    def __call__(self, g: Grounding, position_ids: torch.Tensor) -> torch.Tensor:
+        """The summed loss over the queries (mean over the supervised layers)."""
+        hd, h = self.cfg.head_dim, self.cfg.num_attention_heads
+        rows = g.rows
+        b = position_ids.shape[0]
+        # Each row's keys once ([B, T]), and a one-hot [Q, B] to hand them to its queries: a
+        # matmul, whose backward is deterministic (an indexed gather of repeated keys is not).
+        row_keys = torch.zeros(b, g.keys.shape[1], dtype=torch.long, device=g.keys.device)
+        row_keys[rows] = g.keys
+        one_hot = F.one_hot(rows, b).float()  # [Q, B]
+        q_pos, k_pos = position_ids[rows, g.positions], position_ids.gather(1, row_keys)
+        total = 0.0
+        for tap in self.taps:
+            qkv = tap.take()  # [B, S, (H + 2 KV) * D]
+            q = qkv[rows, g.positions, :hd].float()  # head 0 [Q, D]
+            k = qkv[..., h * hd : h * hd + hd].float().gather(1, row_keys[..., None].expand(-1, -1, hd))  # [B, T, D]
+            cos, sin = self._cos_sin(q_pos[:, None], hd, self.cfg.rope_theta, q.dtype)  # [Q, 1, 1, D]
+            q = self._rope(q[:, None, None], cos, sin)[:, 0, 0]
+            cos, sin = self._cos_sin(k_pos, hd, self.cfg.rope_theta, k.dtype)  # [B, 1, T, D]
+            k = self._rope(k[:, None], cos, sin)[:, 0]
+            k = torch.einsum("qb,btd->qtd", one_hot, k)  # [Q, T, D]
+            scores = (k @ q[..., None])[..., 0] / hd**0.5  # [Q, T]
+            total = total - (g.target * scores.log_softmax(-1)).sum()
+        return total / len(self.taps)
+
+    def clear(self) -> None:
+        for tap in self.taps:
+            tap.value = None

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from molmo_model.preprocessing import MolmoPreprocessor
 from training.config import DataConfig
 from training.data import JsonlDataset, SyntheticDataset
-from training.dense import dense_targets
+from training.dense import dense_targets, grounding_targets
 from training.packing import Batch, collate, pack_example, split_annotations
 
 
@@ -45,9 +45,11 @@ class StepBatches(Dataset):
         start_step: int = 0,
         end_step: int = 1,
         dense: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        grounding: int | None = None,
     ) -> None:
         self.cfg, self.pre, self.tokens_per_crop = cfg, preprocessor, tokens_per_crop
         self.dense = dense  # (kinds, colours): attach training.dense targets to each image
+        self.grounding = grounding  # the <im_patch> id: attach training.dense attention targets
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.end_step = start_step, end_step
         self.dataset = make_dataset(cfg)
@@ -94,6 +96,11 @@ class StepBatches(Dataset):
                 targets = dense_targets(example.metadata, *example.image.size, self.pre.config, *self.dense)
                 for seq in seqs:
                     seq.dense = targets
+            if self.grounding is not None:
+                sources = [example] if self.cfg.pack else split_annotations(example)
+                for seq, source in zip(seqs, sources, strict=True):
+                    seq.grounding = grounding_targets(source, seq, self.pre.config, self.pre.tokenizer,
+                                                      self.grounding)  # fmt: skip
             packed.extend(seqs)
         groups = [packed]
         if self.cfg.max_batch_tokens:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from molmo_model.preprocessing import ImageInputs, MolmoPreprocessor, prompt_text
-from training.dense import DenseTargets
+from training.dense import DenseTargets, Grounding
 from training.records import Annotation, Example
 
 IGNORE = -100  # label value with no loss (torch cross_entropy's ignore_index)
@@ -46,7 +46,9 @@ class PackedExample:
     image: ImageInputs | None  # None for a text-only example
     n_annotations: int  # annotations packed (whole or truncated)
     n_dropped: int = 0  # annotations that did not fit in max_len
+    kept: list[int] | None = None  # segment k + 1 holds the example's annotations[kept[k]]
     dense: DenseTargets | None = None  # per-token targets of the global view (training.dense)
+    grounding: Grounding | None = None  # attention targets of the answers' coordinates (same)
 
     @property
     def length(self) -> int:
@@ -73,6 +75,7 @@ class Batch:
     n_annotations: int
     dense: DenseTargets | None = None  # stacked [G, T] targets of the images that have them
     dense_crops: torch.Tensor | None = None  # int64 [G]: the global-view crop of each, in `images`
+    grounding: Grounding | None = None  # all sequences' attention targets, `rows` set
 
     @property
     def n_loss_tokens(self) -> int:
@@ -87,6 +90,7 @@ class Batch:
             move(self.segment_ids), move(self.response_mask), move(self.images),
             move(self.image_masks), move(self.patch_order), self.n_images, self.n_annotations,
             None if self.dense is None else self.dense.to(device), move(self.dense_crops),
+            None if self.grounding is None else self.grounding.to(device),
         )  # fmt: skip
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
@@ -136,11 +140,12 @@ def pack_tokens(
     prefix: list[int],
     annotations: list[tuple[list[int], list[bool]]],
     max_len: int | None = None,
-) -> tuple[dict[str, torch.Tensor], int, int]:
+) -> tuple[dict[str, torch.Tensor], list[int], int]:
     """Lay out a prefix and tokenized annotations (see the module docstring).
 
     Returns the tensors (input_ids, labels, position_ids, segment_ids, response_mask), the
-    number of annotations kept and the number dropped. Annotations that do not fit whole in
+    indices of the annotations kept (segment k + 1 holds annotations[kept[k]]) and the number
+    dropped. Annotations that do not fit whole in
     `max_len` are dropped; the first is always kept, cut to fit if need be.
     """
     p = len(prefix)
@@ -155,8 +160,8 @@ def pack_tokens(
         [0] * p,
         [False] * p,
     )
-    kept = 0
-    for tokens, is_answer in annotations:
+    kept: list[int] = []
+    for index, (tokens, is_answer) in enumerate(annotations):
         room = (max_len - len(ids)) if max_len is not None else len(tokens)
         if len(tokens) > room:
             if kept:
@@ -168,10 +173,10 @@ def pack_tokens(
         # last token of the prefix or of the previous annotation predicts nothing.
         labels.extend(tokens[j + 1] if j + 1 < n and is_answer[j + 1] else IGNORE for j in range(n))
         positions.extend(range(p, p + n))
-        segments.extend([kept + 1] * n)
+        segments.extend([len(kept) + 1] * n)
         answer.extend(is_answer)
-        kept += 1
-    dropped = len(annotations) - kept
+        kept.append(index)
+    dropped = len(annotations) - len(kept)
     tensors = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
@@ -196,7 +201,7 @@ def pack_example(
     prefix = [tok.bos_id, *image.tokens]
     annotations = [annotation_tokens(a, tok) for a in example.annotations]
     tensors, kept, dropped = pack_tokens(prefix, annotations, max_len)
-    return PackedExample(image=image, n_annotations=kept, n_dropped=dropped, **tensors)
+    return PackedExample(image=image, n_annotations=len(kept), n_dropped=dropped, kept=kept, **tensors)
 
 
 def split_annotations(example: Example) -> list[Example]:
@@ -220,8 +225,10 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
     segment_ids = torch.full((b, s), PAD_SEGMENT, dtype=torch.long)
     response_mask = torch.zeros((b, s), dtype=torch.bool)
     images, masks, orders, offset = [], [], [], 0
-    dense, dense_crops, n_crops = [], [], 0
+    dense, dense_crops, n_crops, grounding = [], [], 0, []
     for i, e in enumerate(examples):
+        if e.grounding is not None:
+            grounding.append(e.grounding.for_row(i))
         n = e.length
         input_ids[i, :n] = e.input_ids
         labels[i, :n] = e.labels
@@ -250,4 +257,5 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
         n_annotations=sum(e.n_annotations for e in examples),
         dense=DenseTargets.stack(dense) if dense else None,
         dense_crops=torch.tensor(dense_crops, dtype=torch.long) if dense else None,
+        grounding=Grounding.cat(grounding) if grounding else None,
     )

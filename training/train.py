@@ -45,7 +45,7 @@ from molmo_model.model import MolmoForCausalLM
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import MolmoTokenizer, build_tokenizer
 from training.config import TrainConfig
-from training.dense import DenseHead, FeatureTap
+from training.dense import DenseHead, FeatureTap, GroundingLoss
 from training.loader import StepBatches
 from training.packing import Batch
 from training.recipe import build_optimizer, clip_grad_norms, init_from_scratch
@@ -99,12 +99,14 @@ def all_reduce_sum(value: float, d: Dist) -> float:
 
 
 @dataclass
-class DenseLoss:
-    """training.dense during a run: the head, the tap on the vision features, the weight."""
+class Supervision:
+    """training.dense's extra losses during a run; a part is None when its weight is 0."""
 
-    head: DenseHead
-    tap: FeatureTap
-    weight: float
+    head: DenseHead | None = None  # dense per-token loss on the image features
+    tap: FeatureTap | None = None  # the vision backbone's output, for the head
+    dense_weight: float = 0.0
+    grounding: GroundingLoss | None = None  # attention grounding of the coordinates
+    grounding_weight: float = 0.0
 
 
 def forward_backward_step(
@@ -113,24 +115,32 @@ def forward_backward_step(
     loss_normalizer: float,
     autocast: contextlib.AbstractContextManager,
     response_dropout: float = 0.0,
-    dense: DenseLoss | None = None,
-    dense_share: float = 1.0,
-) -> tuple[float, float]:
-    """Forward and backward of one micro-batch; returns its summed token loss and its dense
-    loss (the mean over its images with targets, 0.0 without). `dense_share` is this
-    micro-batch's share of the step's images with dense targets."""
+    extra: Supervision | None = None,
+    extra_normalizers: tuple[float, float] = (1.0, 1.0),
+) -> tuple[float, float, float]:
+    """Forward and backward of one micro-batch; returns its summed token loss and, with
+    `extra`, its summed dense and grounding losses (per image / per query). Those are divided
+    by `extra_normalizers`: the step's images with dense targets and grounding queries, per
+    device, as the token loss is by `loss_normalizer`."""
+    dense_sum = grounding_sum = 0.0
     with autocast:
         out = model(**batch.model_inputs(), loss_normalizer=loss_normalizer,
                     response_dropout=response_dropout)  # fmt: skip
-        loss, dense_value = out.loss, 0.0
-        if dense is not None and batch.images is not None:
-            feats = dense.tap.take()
+        loss = out.loss
+        if extra is not None and extra.tap is not None and batch.images is not None:
+            feats = extra.tap.take()
             if batch.dense is not None:
-                extra = dense.head(feats[batch.dense_crops], batch.dense)
-                dense_value = float(extra.detach())
-                loss = loss + dense.weight * dense_share * extra
+                term = extra.head(feats[batch.dense_crops], batch.dense)
+                dense_sum = float(term.detach())
+                loss = loss + extra.dense_weight * term / extra_normalizers[0]
+        if extra is not None and extra.grounding is not None:
+            if batch.grounding is not None:
+                term = extra.grounding(batch.grounding, batch.position_ids)
+                grounding_sum = float(term.detach())
+                loss = loss + extra.grounding_weight * term / extra_normalizers[1]
+            extra.grounding.clear()
     loss.backward()
-    return float(out.loss.detach()) * loss_normalizer, dense_value
+    return float(out.loss.detach()) * loss_normalizer, dense_sum, grounding_sum
 
 
 def train_step(
@@ -141,28 +151,31 @@ def train_step(
     d: Dist,
     cfg: TrainConfig,
     autocast: contextlib.AbstractContextManager,
-    dense: DenseLoss | None = None,
+    extra: Supervision | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches; returns the step's metrics."""
     # The paper's normaliser: the average number of loss tokens per device, over all devices.
     local_tokens = sum(b.n_loss_tokens for b in micro_batches)
     global_tokens = all_reduce_sum(local_tokens, d)
     normalizer = max(global_tokens / d.world_size, 1.0)
-    n_dense = sum(0 if b.dense_crops is None else len(b.dense_crops) for b in micro_batches)
-    loss_sum, dense_sum = 0.0, 0.0
+    counts = [0.0, 0.0]  # the extra losses' terms (dense images, grounding queries), all devices
+    if extra is not None:
+        counts = [
+            all_reduce_sum(sum(0 if b.dense_crops is None else len(b.dense_crops) for b in micro_batches), d),
+            all_reduce_sum(sum(0 if b.grounding is None else len(b.grounding) for b in micro_batches), d),
+        ]
+    extra_normalizers = (max(counts[0] / d.world_size, 1.0), max(counts[1] / d.world_size, 1.0))
+    loss_sum, dense_sum, grounding_sum = 0.0, 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(d.device)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        share = 0.0 if batch.dense_crops is None else len(batch.dense_crops) / n_dense
         with sync:
-            token_loss, dense_value = forward_backward_step(
-                model, batch, normalizer, autocast, cfg.run.response_dropout, dense, share
-            )
-        loss_sum += token_loss
-        dense_sum += dense_value * share
-    if dense is not None and d.enabled:  # the head is outside DDP: average its gradients here
-        for p in dense.head.parameters():
+            sums = forward_backward_step(model, batch, normalizer, autocast, cfg.run.response_dropout,
+                                         extra, extra_normalizers)  # fmt: skip
+        loss_sum, dense_sum, grounding_sum = loss_sum + sums[0], dense_sum + sums[1], grounding_sum + sums[2]
+    if extra is not None and extra.head is not None and d.enabled:
+        for p in extra.head.parameters():  # the head is outside DDP: average its gradients here
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
@@ -172,16 +185,20 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {
+    metrics = {
         "loss": all_reduce_sum(loss_sum, d) / max(global_tokens, 1.0),
         "loss_tokens": int(global_tokens),
         "images": int(all_reduce_sum(sum(b.n_images for b in micro_batches), d)),
         "annotations": int(all_reduce_sum(sum(b.n_annotations for b in micro_batches), d)),
         "tokens": int(all_reduce_sum(sum(int((b.segment_ids >= 0).sum()) for b in micro_batches), d)),
-        **({"dense_loss": all_reduce_sum(dense_sum, d) / d.world_size} if dense is not None else {}),
         **{f"lr_{k}": v for k, v in lrs.items()},
         **{f"grad_norm_{k}": v for k, v in norms.items()},
     }
+    if extra is not None and extra.head is not None:
+        metrics["dense_loss"] = all_reduce_sum(dense_sum, d) / max(counts[0], 1.0)
+    if extra is not None and extra.grounding is not None:
+        metrics["grounding_loss"] = all_reduce_sum(grounding_sum, d) / max(counts[1], 1.0)
+    return metrics
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -371,18 +388,24 @@ def train(cfg: TrainConfig) -> Path:
         else:
             model.init_weights(std=cfg.model.init_std, seed=cfg.run.seed)
     model.to(d.device).train()
-    dense, dense_vocab = None, None
-    if cfg.run.dense_loss > 0:
+    extra, dense_vocab = None, None
+    if cfg.run.dense_loss > 0 or cfg.run.grounding_loss > 0:
         if fsdp:
-            raise ValueError("run.dense_loss is not supported with run.parallel = 'fsdp'")
+            raise ValueError("run.dense_loss and run.grounding_loss are not supported with run.parallel = 'fsdp'")
+        extra = Supervision()
+    if cfg.run.dense_loss > 0:
         scene = cfg.data.synthetic().scene
         dense_vocab = (scene.kinds, scene.colours)
         torch.manual_seed(cfg.run.seed + 7)
-        head = DenseHead(config.llm.hidden_size, len(scene.kinds), len(scene.colours)).to(d.device)
-        dense = DenseLoss(head, FeatureTap(model.model.vision_backbone), cfg.run.dense_loss)
+        extra.head = DenseHead(config.llm.hidden_size, len(scene.kinds), len(scene.colours)).to(d.device)
+        extra.tap, extra.dense_weight = FeatureTap(model.model.vision_backbone), cfg.run.dense_loss
+    if cfg.run.grounding_loss > 0:
+        extra.grounding = GroundingLoss(model, cfg.run.grounding_layers)
+        extra.grounding_weight = cfg.run.grounding_loss
+    head = extra.head if extra is not None else None
     if fsdp:
         model = _shard_fsdp(model)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.steps, dense and dense.head)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.run.steps, head)
 
     start = 0
     if resume_from is not None:
@@ -398,10 +421,10 @@ def train(cfg: TrainConfig) -> Path:
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if dense is not None:
+        if head is not None:
             if "dense_head" not in state:
                 raise ValueError(f"{resume_from} was saved without run.dense_loss; resume it without")
-            dense.head.load_state_dict(state["dense_head"])
+            head.load_state_dict(state["dense_head"])
         start = int(state["step"])
         if state.get("world_size") == d.world_size:
             set_rng_state(state["rng"][d.rank])
@@ -421,7 +444,8 @@ def train(cfg: TrainConfig) -> Path:
     preprocessor = MolmoPreprocessor(config.preprocess, tokenizer)
     batches = StepBatches(cfg.data, preprocessor, config.preprocess.tokens_per_side**2, seed=cfg.run.seed,
                           rank=d.rank, world_size=d.world_size, start_step=start, end_step=cfg.run.steps,
-                          dense=dense_vocab)  # fmt: skip
+                          dense=dense_vocab,
+                          grounding=tokenizer.im_patch_id if cfg.run.grounding_loss > 0 else None)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
         collate_fn=lambda x: x, prefetch_factor=2 if cfg.data.num_workers else None,
@@ -449,7 +473,7 @@ def train(cfg: TrainConfig) -> Path:
     step = start
     for micro_batches in loader:
         t0 = time.perf_counter()
-        metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast, dense)
+        metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast, extra)
         step += 1
         window.append((time.perf_counter() - t0, metrics))
         if bar is not None:
@@ -481,7 +505,7 @@ def train(cfg: TrainConfig) -> Path:
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps or out_of_time:
             position = {"step": step, "images_seen": step * batches.global_batch}
             save_training_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg, d, position,
-                                     dense and dense.head)  # fmt: skip
+                                     head)  # fmt: skip
             if d.main:
                 plot_losses(log_path, run_dir / "loss.png")
         if out_of_time:
