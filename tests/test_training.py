@@ -20,6 +20,7 @@ from kernels import annotation_mask
 from molmo_model.checkpoint import load_checkpoint
 from molmo_model.config import tiny
 from molmo_model.model import MolmoForCausalLM
+from molmo_model.points import format_points
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import build_tokenizer
 from training.config import DEMO_SCENE, DataConfig, ModelSpec, RunConfig, TrainConfig
@@ -439,6 +440,11 @@ def test_dense_targets_mark_every_object_under_its_tokens(pre, config):
             for i in (i for i, flag in enumerate(on) if flag):
                 assert kinds[int(t.kind[i]) - 1] == o["kind"] and colours[int(t.colour[i]) - 1] == o["colour"]
                 assert t.centre[i].tolist() == pytest.approx([o["centre"][0] / w, o["centre"][1] / h])
+                # The characters the answer starts each coordinate with ("61.5" -> 6, 1; "8.3" -> 8, ".").
+                text = format_points([tuple(o["centre"])], "x", width=w, height=h)
+                xs, ys = text.split('x="')[1], text.split('y="')[1]
+                chars = [10 if c == "." else int(c) for c in xs[:2] + ys[:2]]
+                assert t.chars[i].tolist() == chars
         on_any = t.kind > 0
         assert int(on_any.sum()) < len(on_any)  # background tokens stay class 0
         assert bool((t.colour[~on_any] == 0).all()) and bool((t.centre[~on_any] == 0).all())
@@ -501,3 +507,44 @@ def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok)
             assert value in (round(obj["centre"][0] / w * 100, 1), round(obj["centre"][1] / h * 100, 1)), (text, obj)
             checked += 1
     assert checked > 20
+
+
+def test_grounding_loss_is_the_cross_entropy_of_the_heads_real_attention(pre, config, tok, model64):
+    """The loss reads q and k from hooks; here the same head's attention is rebuilt the way
+    MolmoBlock computes it (layout, RoPE, causal softmax over everything the query sees)."""
+    from molmo_model.model import apply_rope, rope_cos_sin
+    from training.dense import GroundingLoss, grounding_targets
+
+    model = model64.float()
+    try:
+        ex = _example()
+        one = next(e for e in split_annotations(ex) if e.annotations[0].points)
+        packed = pack_example(one, pre, 1024)
+        g = grounding_targets(one, packed, config.preprocess, tok, tok.im_patch_id)
+        batch = collate([packed], tok.pad_id, _tokens_per_crop(config))
+        g = g.for_row(0)
+        loss_fn = GroundingLoss(model, (1,))
+        captured = {}
+        block = model.model.transformer.blocks[1]
+        handle = block.attn_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+        with torch.no_grad():
+            model(**batch.model_inputs())
+            got = loss_fn(g, batch.position_ids, batch.segment_ids)
+        handle.remove()
+        lc = config.llm
+        b, s, _ = captured["x"].shape
+        qkv = block.att_proj(captured["x"])
+        q, k, _ = qkv.split([lc.num_attention_heads * lc.head_dim, lc.num_key_value_heads * lc.head_dim,
+                             lc.num_key_value_heads * lc.head_dim], dim=-1)  # fmt: skip
+        q = q.view(b, s, lc.num_attention_heads, lc.head_dim).transpose(1, 2)
+        k = k.view(b, s, lc.num_key_value_heads, lc.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(batch.position_ids, lc.head_dim, lc.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = (q[0, 0] @ k[0, 0].T) / lc.head_dim**0.5  # head 0 and its KV head
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        rows = probs[g.positions]  # [Q, S]
+        want = -(g.target * rows.gather(1, g.keys).log()).sum()
+        assert float(got) == pytest.approx(float(want), rel=1e-4)
+    finally:
+        model.double()

@@ -7,8 +7,10 @@ with only the text loss its image tokens learn "where" too slowly for pointing t
 every object's kind, colour and box), this module adds a small per-token loss on the image
 features the LLM receives (the connector's output, global view only):
 
-- which kind and which colour of object covers the token's centre (or background), and
-- that object's centre in image coordinates (x, y as fractions of width and height, x10).
+- which kind and which colour of object covers the token's centre (or background),
+- that object's centre in image coordinates (x, y as fractions of width and height, x10),
+- and the first two characters of its x and y as Molmo writes them ("61.5" -> 6, 1;
+  "8.3" -> 8, "."), so the very tokens the LLM writes are linear read-outs of the features.
 
 The head is a single linear layer that lives beside the model during training only: it is
 saved in training checkpoints (exact resume) and never in the served model, which stays
@@ -16,6 +18,16 @@ Molmo's layout. Weight 0 (the default) turns the whole thing off.
 
 `dense_targets(example, geometry, kinds, colours)` gives one image's targets from its
 `metadata["objects"]` (or None when it has none); `DenseHead` scores a batch.
+
+The second part is attention grounding. Even with such features, the LLM has to learn to
+look, from the position that writes a coordinate, at the object the coordinate belongs to;
+from the text loss alone that attention forms slowly (the gradient reaching any one image
+token is spread over hundreds). `grounding_targets` finds, in each packed answer, the
+characters of every coordinate and the object under that point; `GroundingLoss` is the
+cross-entropy between head 0's attention (of the chosen LLM layers, over every key its query
+sees) and a uniform distribution over that object's global-view tokens. Measured on the demo
+shapes: without it the first character of a coordinate stays near chance for thousands of
+images; with it head 0 puts about half its mass on the right object within ~300 steps.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from molmo_model.config import PreprocessConfig
 from molmo_model.preprocessing import fit_size
 
 COORD_SCALE = 10.0  # centre targets in tenths of the image: the LLM writes the tens digit
+N_CHARS = 11  # classes of a coordinate's character: digits 0-9 and the decimal point
 
 
 @dataclass
@@ -41,9 +54,10 @@ class DenseTargets:
     kind: torch.Tensor  # int64 [T]
     colour: torch.Tensor  # int64 [T]
     centre: torch.Tensor  # float32 [T, 2]
+    chars: torch.Tensor  # int64 [T, 4]: x's 1st, 2nd, y's 1st, 2nd character (0-9, 10 = ".")
 
     def to(self, device: torch.device | str) -> DenseTargets:
-        return DenseTargets(self.kind.to(device), self.colour.to(device), self.centre.to(device))
+        return DenseTargets(*(t.to(device) for t in (self.kind, self.colour, self.centre, self.chars)))
 
     @staticmethod
     def stack(targets: list[DenseTargets]) -> DenseTargets:
@@ -51,7 +65,15 @@ class DenseTargets:
             torch.stack([t.kind for t in targets]),
             torch.stack([t.colour for t in targets]),
             torch.stack([t.centre for t in targets]),
+            torch.stack([t.chars for t in targets]),
         )
+
+
+def coordinate_chars(value: float) -> tuple[int, int]:
+    """The first two characters of a percentage as `format_points` writes it, as classes:
+    digits 0-9, 10 for the decimal point ("61.5" -> (6, 1), "8.3" -> (8, 10))."""
+    text = f"{value * 100:.1f}"
+    return tuple(10 if c == "." else int(c) for c in text[:2])  # type: ignore[return-value]
 
 
 def global_token_centres(width: int, height: int, geo: PreprocessConfig) -> torch.Tensor:
@@ -86,6 +108,7 @@ def dense_targets(
     kind = torch.zeros(n, dtype=torch.long)
     colour = torch.zeros(n, dtype=torch.long)
     centre = torch.zeros(n, 2)
+    chars = torch.zeros(n, 4, dtype=torch.long)
     x, y = centres[:, 0], centres[:, 1]
     for o in objects:
         if o["kind"] not in kinds or o["colour"] not in colours:
@@ -94,8 +117,10 @@ def dense_targets(
         on = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
         kind[on] = kinds.index(o["kind"]) + 1
         colour[on] = colours.index(o["colour"]) + 1
-        centre[on] = torch.tensor([o["centre"][0] / width, o["centre"][1] / height])
-    return DenseTargets(kind, colour, centre)
+        cx, cy = o["centre"][0] / width, o["centre"][1] / height
+        centre[on] = torch.tensor([cx, cy])
+        chars[on] = torch.tensor([*coordinate_chars(cx), *coordinate_chars(cy)])
+    return DenseTargets(kind, colour, centre, chars)
 
 
 class DenseHead(nn.Module):
@@ -104,7 +129,7 @@ class DenseHead(nn.Module):
     def __init__(self, d_model: int, n_kinds: int, n_colours: int):
         super().__init__()
         self.n_kinds, self.n_colours = n_kinds + 1, n_colours + 1
-        self.proj = nn.Linear(d_model, self.n_kinds + self.n_colours + 2)
+        self.proj = nn.Linear(d_model, self.n_kinds + self.n_colours + 2 + 4 * N_CHARS)
 
     def forward(self, feats: torch.Tensor, targets: DenseTargets) -> torch.Tensor:
         """feats [G, T, d] (global views), targets stacked [G, T]: the sum over images of each
@@ -115,9 +140,15 @@ class DenseHead(nn.Module):
         loss_kind = F.cross_entropy(out[..., :nk].transpose(1, 2), targets.kind, reduction="none")
         loss_colour = F.cross_entropy(out[..., nk : nk + nc].transpose(1, 2), targets.colour, reduction="none")
         on = (targets.kind > 0).float()  # [G, T]
-        err = ((out[..., nk + nc :] - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
-        loss_centre = (err * on).sum(1) / (2 * on.sum(1)).clamp(min=1.0)  # [G]
-        return (loss_kind.mean(1) + loss_colour.mean(1) + 0.5 * loss_centre).sum()
+        err = ((out[..., nk + nc : nk + nc + 2] - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
+        per_object = 0.5 * err
+        g, t = on.shape
+        char_logits = out[..., nk + nc + 2 :].reshape(g, t, 4, N_CHARS)
+        per_object = per_object + F.cross_entropy(
+            char_logits.permute(0, 3, 1, 2), targets.chars, reduction="none"
+        ).sum(-1)  # [G, T]
+        loss_object = (per_object * on).sum(1) / on.sum(1).clamp(min=1.0)  # [G]
+        return (loss_kind.mean(1) + loss_colour.mean(1) + loss_object).sum()
 
 
 class FeatureTap:
@@ -235,9 +266,11 @@ def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patc
 
 
 class GroundingLoss:
-    """Cross-entropy between one attention head's distribution over the global view's tokens
-    (head 0 of each of `layers`, RoPE applied as the model does) and the grounding targets.
-    It reads q and k from forward hooks on those blocks' `att_proj`, so the model is untouched."""
+    """Cross-entropy between one attention head's distribution (head 0 of each of `layers`,
+    over every key its query sees, RoPE applied as the model does) and the grounding targets,
+    which put all the mass on the object's tokens in the global view: the head learns to look
+    at the object and at nothing else. q and k come from forward hooks on those blocks'
+    `att_proj`, so the model is untouched."""
 
     def __init__(self, model: nn.Module, layers: tuple[int, ...]):
         from molmo_model.model import apply_rope, rope_cos_sin
@@ -251,29 +284,30 @@ class GroundingLoss:
                 raise ValueError(f"run.grounding_layers: layer {layer} does not exist ({len(blocks)} layers)")
         self.taps = [FeatureTap(blocks[layer].att_proj) for layer in self.layers]
 
-    def __call__(self, g: Grounding, position_ids: torch.Tensor) -> torch.Tensor:
-        """The summed loss over the queries (mean over the supervised layers)."""
+    def __call__(self, g: Grounding, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """The summed loss over the queries (mean over the supervised layers). position_ids and
+        segment_ids [B, S] are the batch's (packed layout: segment 0 is the shared prefix)."""
         hd, h = self.cfg.head_dim, self.cfg.num_attention_heads
-        rows = g.rows
-        b = position_ids.shape[0]
-        # Each row's keys once ([B, T]), and a one-hot [Q, B] to hand them to its queries: a
-        # matmul, whose backward is deterministic (an indexed gather of repeated keys is not).
-        row_keys = torch.zeros(b, g.keys.shape[1], dtype=torch.long, device=g.keys.device)
-        row_keys[rows] = g.keys
-        one_hot = F.one_hot(rows, b).float()  # [Q, B]
-        q_pos, k_pos = position_ids[rows, g.positions], position_ids.gather(1, row_keys)
+        cos, sin = self._cos_sin(position_ids, hd, self.cfg.rope_theta, torch.float32)  # [B, 1, S, D]
         total = 0.0
         for tap in self.taps:
             qkv = tap.take()  # [B, S, (H + 2 KV) * D]
-            q = qkv[rows, g.positions, :hd].float()  # head 0 [Q, D]
-            k = qkv[..., h * hd : h * hd + hd].float().gather(1, row_keys[..., None].expand(-1, -1, hd))  # [B, T, D]
-            cos, sin = self._cos_sin(q_pos[:, None], hd, self.cfg.rope_theta, q.dtype)  # [Q, 1, 1, D]
-            q = self._rope(q[:, None, None], cos, sin)[:, 0, 0]
-            cos, sin = self._cos_sin(k_pos, hd, self.cfg.rope_theta, k.dtype)  # [B, 1, T, D]
-            k = self._rope(k[:, None], cos, sin)[:, 0]
-            k = torch.einsum("qb,btd->qtd", one_hot, k)  # [Q, T, D]
-            scores = (k @ q[..., None])[..., 0] / hd**0.5  # [Q, T]
-            total = total - (g.target * scores.log_softmax(-1)).sum()
+            q = self._rope(qkv[:, None, :, :hd].float(), cos, sin)  # [B, 1, S, D]
+            k = self._rope(qkv[:, None, :, h * hd : h * hd + hd].float(), cos, sin)
+            layer_loss = 0.0
+            for row in g.rows.unique().tolist():  # row by row: [Q_b, S] scores, a fixed order
+                mine = g.rows == row
+                pos = g.positions[mine]  # [Q_b]
+                scores = q[row, 0, pos] @ k[row, 0].T / hd**0.5  # [Q_b, S]
+                seg = segment_ids[row]
+                key = torch.arange(seg.shape[0], device=seg.device)
+                # What each query sees (the packing rule): the prefix, and its own annotation
+                # up to itself.
+                visible = (seg[None] == 0) | ((seg[None] == seg[pos][:, None]) & (key[None] <= pos[:, None]))
+                logp = scores.masked_fill(~visible, float("-inf")).log_softmax(-1)
+                picked = logp.gather(1, g.keys[mine])  # [Q_b, T]
+                layer_loss = layer_loss - (g.target[mine] * picked).sum()
+            total = total + layer_loss
         return total / len(self.taps)
 
     def clear(self) -> None:

@@ -10,6 +10,11 @@ summed token loss is divided by the average number of loss tokens per device (so
 device's gradient has the same scale and DDP's mean gives the global token mean) ->
 per-component gradient clipping -> AdamW step -> LR schedule step (training/recipe.py).
 
+With `run.dense_loss` / `run.grounding_loss` (training/dense.py) the step adds a per-token
+loss on the image features and an attention-grounding loss on the answers' coordinates, each
+divided by its count per device like the token loss; their head and hooks live beside the
+model and never reach the served checkpoint.
+
 CUDA runs use bf16 autocast over fp32 master weights; CPU runs stay in fp32. Under torchrun
 the model is wrapped in DDP (gloo on CPU, NCCL on CUDA) or sharded with FSDP2
 (`run.parallel = "fsdp"`).
@@ -135,7 +140,7 @@ def forward_backward_step(
                 loss = loss + extra.dense_weight * term / extra_normalizers[0]
         if extra is not None and extra.grounding is not None:
             if batch.grounding is not None:
-                term = extra.grounding(batch.grounding, batch.position_ids)
+                term = extra.grounding(batch.grounding, batch.position_ids, batch.segment_ids)
                 grounding_sum = float(term.detach())
                 loss = loss + extra.grounding_weight * term / extra_normalizers[1]
             extra.grounding.clear()
