@@ -313,7 +313,9 @@ def test_two_process_gloo_run_equals_one_process_run(tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5)
     wa, wb = _weights(one / "model"), _weights(two / "model")
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+        # gloo sums in another order than one process does; Adam turns ~1e-9 gradient noise
+        # on near-zero parameters into ~1e-6 weight differences after two steps.
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
 
 
 def test_step_batches_split_the_global_batch_between_ranks(pre, config):
