@@ -48,8 +48,8 @@ N_CHARS = 11  # classes of a coordinate's character: digits 0-9 and the decimal 
 
 @dataclass
 class DenseTargets:
-    """Per global-view token: kind and colour class (0 = background) and the covering object's
-    centre; `object` marks tokens whose centre lies on an object."""
+    """Per global-view token: kind and colour class (0 = background; kind > 0 marks the tokens
+    whose centre lies on an object), and that object's centre and coordinate characters."""
 
     kind: torch.Tensor  # int64 [T]
     colour: torch.Tensor  # int64 [T]
@@ -90,6 +90,12 @@ def global_token_centres(width: int, height: int, geo: PreprocessConfig) -> torc
     return torch.stack([x, y], dim=-1)
 
 
+def _on_box(centres: torch.Tensor, box) -> torch.Tensor:
+    """bool [T]: the token centres [T, 2] that lie in `box` (x0, y0, x1, y1; x1/y1 exclusive)."""
+    x, y = centres[:, 0], centres[:, 1]
+    return (x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])
+
+
 def dense_targets(
     metadata: dict[str, Any],
     width: int,
@@ -109,12 +115,10 @@ def dense_targets(
     colour = torch.zeros(n, dtype=torch.long)
     centre = torch.zeros(n, 2)
     chars = torch.zeros(n, 4, dtype=torch.long)
-    x, y = centres[:, 0], centres[:, 1]
     for o in objects:
         if o["kind"] not in kinds or o["colour"] not in colours:
             continue
-        x0, y0, x1, y1 = o["box"]
-        on = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        on = _on_box(centres, o["box"])
         kind[on] = kinds.index(o["kind"]) + 1
         colour[on] = colours.index(o["colour"]) + 1
         cx, cy = o["centre"][0] / width, o["centre"][1] / height
@@ -227,7 +231,6 @@ def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patc
     digits = {_single_token(tokenizer, str(i)) for i in range(10)}
     width, height = example.image.size
     centres = global_token_centres(width, height, geo)
-    x, y = centres[:, 0], centres[:, 1]
     keys = (packed.input_ids == im_patch_id).nonzero().flatten()[: centres.shape[0]]
     labels, segments = packed.labels.tolist(), packed.segment_ids
     positions, targets = [], []
@@ -244,7 +247,7 @@ def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patc
             if box is None:
                 masks = []
                 break
-            on = ((x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])).float()
+            on = _on_box(centres, box).float()
             masks.append(on / on.sum().clamp(min=1.0))
         if not masks:
             continue

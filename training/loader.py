@@ -88,16 +88,13 @@ class StepBatches(Dataset):
         packed = []
         for p in positions:
             example = self.dataset[self.position_to_index(p)]
-            if self.cfg.pack:
-                seqs = [pack_example(example, self.pre, self.cfg.max_len)]
-            else:
-                seqs = [pack_example(e, self.pre, self.cfg.max_len) for e in split_annotations(example)]
+            sources = [example] if self.cfg.pack else split_annotations(example)
+            seqs = [pack_example(e, self.pre, self.cfg.max_len) for e in sources]
             if self.dense is not None:
                 targets = dense_targets(example.metadata, *example.image.size, self.pre.config, *self.dense)
                 for seq in seqs:
                     seq.dense = targets
             if self.grounding is not None:
-                sources = [example] if self.cfg.pack else split_annotations(example)
                 for seq, source in zip(seqs, sources, strict=True):
                     seq.grounding = grounding_targets(source, seq, self.pre.config, self.pre.tokenizer,
                                                       self.grounding)  # fmt: skip
