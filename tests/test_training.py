@@ -453,6 +453,32 @@ def test_dense_targets_mark_every_object_under_its_tokens(pre, config):
     assert dense_targets({}, 336, 336, geo, kinds, colours) is None  # no object list: no targets
 
 
+def test_dense_object_attributes_add_the_object_tokens_kind_and_colour_loss(config):
+    import torch.nn.functional as F
+
+    from training.dense import DenseHead, DenseTargets, dense_targets
+
+    kinds, colours = SCENES.scene.kinds, SCENES.scene.colours
+    exs = [make_example("train", i, SCENES) for i in range(2)]
+    t = DenseTargets.stack([dense_targets(e.metadata, *e.image.size, config.preprocess, kinds, colours) for e in exs])
+    torch.manual_seed(0)
+    feats = torch.randn(2, t.kind.shape[1], 24)
+    plain = DenseHead(24, len(kinds), len(colours))
+    weighted = DenseHead(24, len(kinds), len(colours), object_attributes=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    logits = plain.proj(feats)
+    nk, nc = plain.n_kinds, plain.n_colours
+    expected = 0.0
+    for g in range(2):
+        on = t.kind[g] > 0
+        ce = F.cross_entropy(logits[g, :, :nk], t.kind[g], reduction="none") + F.cross_entropy(
+            logits[g, :, nk : nk + nc], t.colour[g], reduction="none"
+        )
+        expected += 2.0 * float(ce[on].mean())
+    diff = float(weighted(feats, t) - plain(feats, t))
+    assert diff == pytest.approx(expected, rel=1e-5) and diff > 0
+
+
 def test_global_token_centres_follow_the_letterbox(config):
     from training.dense import global_token_centres
 
@@ -508,6 +534,33 @@ def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok)
             obj = next(o for o in ex.metadata["objects"] if o["box"][0] <= x < o["box"][2] and o["box"][1] <= y < o["box"][3])
             assert value in (round(obj["centre"][0] / w * 100, 1), round(obj["centre"][1] / h * 100, 1)), (text, obj)
             checked += 1
+    assert checked > 20
+
+
+def test_grounding_lead_grounds_the_tokens_that_open_each_point(pre, config, tok):
+    from training.dense import grounding_targets
+
+    opening = {tok.encode(t)[0] for t in (" x", '="')} | {tok.encode(str(i))[0] for i in range(10)}
+    checked = 0
+    for index in range(8):
+        ex = make_example("train", index, SCENES)
+        packed = pack_example(ex, pre, 1024)
+        plain = grounding_targets(ex, packed, config.preprocess, tok, tok.im_patch_id)
+        lead = grounding_targets(ex, packed, config.preprocess, tok, tok.im_patch_id, lead=True)
+        if plain is None:
+            continue
+        coords = dict(zip(plain.positions.tolist(), plain.target, strict=True))
+        extra = [(t, g) for t, g in zip(lead.positions.tolist(), lead.target, strict=True) if t not in coords]
+        assert set(coords) <= set(lead.positions.tolist()) and extra
+        for t, target in extra:
+            assert int(packed.labels[t]) in opening
+            # The target is the one of the point it opens: that of the next coordinate.
+            following = min(c for c in coords if c > t)
+            assert torch.equal(target, coords[following])
+            checked += 1
+        # One ` x` opens each point (those on no token centre are not grounded at all).
+        x_labels = [t for t, _ in extra if int(packed.labels[t]) == tok.encode(" x")[0]]
+        assert 0 < len(x_labels) <= sum(len(ex.annotations[i].points or ()) for i in packed.kept)
     assert checked > 20
 
 

@@ -28,6 +28,11 @@ cross-entropy between head 0's attention (of the chosen LLM layers, over every k
 sees) and a uniform distribution over that object's global-view tokens. Measured on the demo
 shapes: without it the first character of a coordinate stays near chance for thousands of
 images; with it head 0 puts about half its mass on the right object within ~300 steps.
+
+Two refinements, off by default (`benchmarks/demo_ablation.py` measures them): `lead` also
+grounds the tokens that open a point (` x`, its index, `="`), where the model decides whether
+another point follows and which object it is; `DenseHead(object_attributes=w)` adds the kind
+and colour loss once more, averaged over the object tokens only.
 """
 
 from __future__ import annotations
@@ -130,9 +135,12 @@ def dense_targets(
 class DenseHead(nn.Module):
     """Linear read-out of kind, colour and object centre from each image feature."""
 
-    def __init__(self, d_model: int, n_kinds: int, n_colours: int):
+    def __init__(self, d_model: int, n_kinds: int, n_colours: int, object_attributes: float = 0.0):
         super().__init__()
         self.n_kinds, self.n_colours = n_kinds + 1, n_colours + 1
+        # Weight of the kind and colour cross-entropy again, averaged over the object tokens
+        # only: over all tokens (background is most of them) an object's kind weighs little.
+        self.object_attributes = object_attributes
         self.proj = nn.Linear(d_model, self.n_kinds + self.n_colours + 2 + 4 * N_CHARS)
 
     def forward(self, feats: torch.Tensor, targets: DenseTargets) -> torch.Tensor:
@@ -146,6 +154,8 @@ class DenseHead(nn.Module):
         on = (targets.kind > 0).float()  # [G, T]
         err = ((out[..., nk + nc : nk + nc + 2] - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
         per_object = 0.5 * err
+        if self.object_attributes:
+            per_object = per_object + self.object_attributes * (loss_kind + loss_colour)
         g, t = on.shape
         char_logits = out[..., nk + nc + 2 :].reshape(g, t, 4, N_CHARS)
         per_object = per_object + F.cross_entropy(
@@ -216,18 +226,23 @@ def _single_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int) -> Grounding | None:
+def grounding_targets(
+    example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int, lead: bool = False
+) -> Grounding | None:
     """Attention targets of one packed sequence (`packed.kept` maps segments to annotations).
 
     The n-th number written right after `="` in an answer is coordinate n of the answer's
     points, which `molmo_model.points.format_points` orders top-down then left-right; every
     digit and point of it targets the object under that point (from `metadata["objects"]`).
+    With `lead`, so do the tokens that open a point (` x`, its index, `="`): the positions
+    that decide whether there is another point and which object it is, before its first digit.
     Annotations without points (counts of 0, captions, clocks) give no queries.
     """
     objects = example.metadata.get("objects")
     if objects is None or packed.kept is None or packed.image is None:
         return None
     eq, dot = _single_token(tokenizer, '="'), _single_token(tokenizer, ".")
+    x_tok = _single_token(tokenizer, " x")
     digits = {_single_token(tokenizer, str(i)) for i in range(10)}
     width, height = example.image.size
     centres = global_token_centres(width, height, geo)
@@ -251,16 +266,19 @@ def grounding_targets(example, packed, geo: PreprocessConfig, tokenizer, im_patc
             masks.append(on / on.sum().clamp(min=1.0))
         if not masks:
             continue
-        number, inside, previous = -1, False, None
+        number, inside, opening, previous = -1, False, False, None
         for t in (segments == segment).nonzero().flatten().tolist():
             label = labels[t]
             if label in digits and previous == eq:
-                number, inside = number + 1, True
+                number, inside, opening = number + 1, True, False
             elif label not in digits and label != dot:
                 inside = False
-            if inside and number // 2 < len(masks) and masks[number // 2].sum() > 0:
+            # ` x` after the last y (or before the first x) opens point (number + 1) // 2.
+            opening = opening or (lead and label == x_tok and number % 2 == 1)
+            coordinate = number // 2 if inside else (number + 1) // 2 if opening else None
+            if coordinate is not None and coordinate < len(masks) and masks[coordinate].sum() > 0:
                 positions.append(t)
-                targets.append(masks[number // 2])
+                targets.append(masks[coordinate])
             previous = label
     if not positions:
         return None

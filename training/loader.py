@@ -46,10 +46,12 @@ class StepBatches(Dataset):
         end_step: int = 1,
         dense: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
         grounding: int | None = None,
+        grounding_lead: bool = False,
     ) -> None:
         self.cfg, self.pre, self.tokens_per_crop = cfg, preprocessor, tokens_per_crop
         self.dense = dense  # (kinds, colours): attach training.dense targets to each image
         self.grounding = grounding  # the <im_patch> id: attach training.dense attention targets
+        self.grounding_lead = grounding_lead  # ... at the tokens opening a point too
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.end_step = start_step, end_step
         self.dataset = make_dataset(cfg)
@@ -97,7 +99,7 @@ class StepBatches(Dataset):
             if self.grounding is not None:
                 for seq, source in zip(seqs, sources, strict=True):
                     seq.grounding = grounding_targets(source, seq, self.pre.config, self.pre.tokenizer,
-                                                      self.grounding)  # fmt: skip
+                                                      self.grounding, self.grounding_lead)  # fmt: skip
             packed.extend(seqs)
         groups = [packed]
         if self.cfg.max_batch_tokens:

@@ -402,7 +402,8 @@ def train(cfg: TrainConfig) -> Path:
         scene = cfg.data.synthetic().scene
         dense_vocab = (scene.kinds, scene.colours)
         torch.manual_seed(cfg.run.seed + 7)
-        extra.head = DenseHead(config.llm.hidden_size, len(scene.kinds), len(scene.colours)).to(d.device)
+        extra.head = DenseHead(config.llm.hidden_size, len(scene.kinds), len(scene.colours),
+                               cfg.run.dense_object_attributes).to(d.device)  # fmt: skip
         extra.tap, extra.dense_weight = FeatureTap(model.model.vision_backbone), cfg.run.dense_loss
     if cfg.run.grounding_loss > 0:
         extra.grounding = GroundingLoss(model, cfg.run.grounding_layers)
@@ -450,7 +451,8 @@ def train(cfg: TrainConfig) -> Path:
     batches = StepBatches(cfg.data, preprocessor, config.preprocess.tokens_per_side**2, seed=cfg.run.seed,
                           rank=d.rank, world_size=d.world_size, start_step=start, end_step=cfg.run.steps,
                           dense=dense_vocab,
-                          grounding=tokenizer.im_patch_id if cfg.run.grounding_loss > 0 else None)  # fmt: skip
+                          grounding=tokenizer.im_patch_id if cfg.run.grounding_loss > 0 else None,
+                          grounding_lead=cfg.run.grounding_lead)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
         collate_fn=lambda x: x, prefetch_factor=2 if cfg.data.num_workers else None,
