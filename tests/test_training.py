@@ -261,6 +261,17 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     assert (final / "model.safetensors").exists()
 
 
+def test_schedule_by_time_ends_the_decay_at_the_time_limit(tmp_path):
+    cfg = _run_config(tmp_path, steps=10_000, time_limit_s=1.5, schedule_by_time=True)
+    train(cfg)
+    (checkpoint,) = sorted((tmp_path / "checkpoints").glob("step-*"))[-1:]
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    assert state["step"] < 10_000  # stopped by the clock, far from the planned steps...
+    assert state["scheduler"]["last_epoch"] == 10_000  # ...with the schedule at its end
+    for group in state["optimizer"]["param_groups"]:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * cfg.optim.final_lr_fraction)
+
+
 @pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-and-grounding"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -482,6 +482,13 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast, extra)
         step += 1
+        if cfg.run.schedule_by_time and cfg.run.time_limit_s > 0:
+            # Where the clock says the schedule should be (rank 0's clock, as for the limit).
+            used = (time.perf_counter() - t_start) / cfg.run.time_limit_s
+            ahead = int(all_reduce_sum(float(d.main) * (start + used * (cfg.run.steps - start)), d))
+            if ahead > scheduler.last_epoch:
+                scheduler.last_epoch = min(ahead, cfg.run.steps) - 1
+                scheduler.step()
         window.append((time.perf_counter() - t0, metrics))
         if bar is not None:
             bar.update(1)
