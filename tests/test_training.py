@@ -477,7 +477,8 @@ def test_dense_object_attributes_add_the_object_tokens_kind_and_colour_loss(conf
     plain = DenseHead(24, len(kinds), len(colours))
     weighted = DenseHead(24, len(kinds), len(colours), object_attributes=2.0)
     weighted.load_state_dict(plain.state_dict())
-    logits = plain.proj(feats)
+    with torch.no_grad():
+        logits = plain.proj(feats)
     nk, nc = plain.n_kinds, plain.n_colours
     expected = 0.0
     for g in range(2):
@@ -486,7 +487,8 @@ def test_dense_object_attributes_add_the_object_tokens_kind_and_colour_loss(conf
             logits[g, :, nk : nk + nc], t.colour[g], reduction="none"
         )
         expected += 2.0 * float(ce[on].mean())
-    diff = float(weighted(feats, t) - plain(feats, t))
+    with torch.no_grad():
+        diff = float(weighted(feats, t) - plain(feats, t))
     assert diff == pytest.approx(expected, rel=1e-5) and diff > 0
 
 
