@@ -255,12 +255,13 @@ def _demo() -> TrainConfig:
         # ~1 s a step on the 2-core build machine, so the whole schedule fits; on a slower (or
         # shared) one the time limit keeps the run inside 45 minutes, and schedule_by_time
         # moves the LR schedule along with the clock so it still decays fully by then.
-        # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py.
+        # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
+        # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs).
         run=RunConfig(out_dir="runs/demo", steps=2400, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
                       dense_loss=1.0, dense_object_attributes=1.0, grounding_loss=1.0,
-                      grounding_layers=(-2, -1)),
+                      grounding_layers=(-2, -1), grounding_lead=True),
     )  # fmt: skip
 
 
