@@ -128,11 +128,11 @@ def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
         if head is not None:
             t = dense_targets(ex.metadata, *ex.image.size, model.config.preprocess, syn.scene.kinds,
                               syn.scene.colours)  # fmt: skip
-            logits = head.proj(tap.take()[0].float())  # crop 0 = the global view
+            with torch.no_grad():
+                kind, colour, _, _ = head.read_out(tap.take()[0])  # crop 0 = the global view
             on = t.kind > 0
-            nk, nc = head.n_kinds, head.n_colours
-            hits["dense_kind"] += (logits[:, :nk].argmax(-1) == t.kind)[on].tolist()
-            hits["dense_colour"] += (logits[:, nk : nk + nc].argmax(-1) == t.colour)[on].tolist()
+            hits["dense_kind"] += (kind.argmax(-1) == t.kind)[on].tolist()
+            hits["dense_colour"] += (colour.argmax(-1) == t.colour)[on].tolist()
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())} | {
         f"n_{k}": len(v) for k, v in sorted(hits.items())
     }

@@ -133,7 +133,8 @@ def dense_targets(
 
 
 class DenseHead(nn.Module):
-    """Linear read-out of kind, colour and object centre from each image feature."""
+    """Linear read-out of kind, colour, object centre and coordinate characters from each
+    image feature."""
 
     def __init__(self, d_model: int, n_kinds: int, n_colours: int, object_attributes: float = 0.0):
         super().__init__()
@@ -143,21 +144,27 @@ class DenseHead(nn.Module):
         self.object_attributes = object_attributes
         self.proj = nn.Linear(d_model, self.n_kinds + self.n_colours + 2 + 4 * N_CHARS)
 
+    def read_out(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """feats [..., T, d] -> kind logits [..., T, K+1], colour logits [..., T, C+1], centre
+        (x10) [..., T, 2] and character logits [..., T, 4, N_CHARS]."""
+        out = self.proj(feats.float())
+        nk, nc = self.n_kinds, self.n_colours
+        chars = out[..., nk + nc + 2 :]
+        return (out[..., :nk], out[..., nk : nk + nc], out[..., nk + nc : nk + nc + 2],
+                chars.reshape(*chars.shape[:-1], 4, N_CHARS))  # fmt: skip
+
     def forward(self, feats: torch.Tensor, targets: DenseTargets) -> torch.Tensor:
         """feats [G, T, d] (global views), targets stacked [G, T]: the sum over images of each
         image's mean token loss (callers divide by the step's image count, so micro-batches and
         processes add up to the whole batch's mean)."""
-        out = self.proj(feats.float())
-        nk, nc = self.n_kinds, self.n_colours
-        loss_kind = F.cross_entropy(out[..., :nk].transpose(1, 2), targets.kind, reduction="none")
-        loss_colour = F.cross_entropy(out[..., nk : nk + nc].transpose(1, 2), targets.colour, reduction="none")
+        kind_logits, colour_logits, centre, char_logits = self.read_out(feats)
+        loss_kind = F.cross_entropy(kind_logits.transpose(1, 2), targets.kind, reduction="none")
+        loss_colour = F.cross_entropy(colour_logits.transpose(1, 2), targets.colour, reduction="none")
         on = (targets.kind > 0).float()  # [G, T]
-        err = ((out[..., nk + nc : nk + nc + 2] - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
+        err = ((centre - targets.centre * COORD_SCALE) ** 2).sum(-1)  # [G, T]
         per_object = 0.5 * err
         if self.object_attributes:
             per_object = per_object + self.object_attributes * (loss_kind + loss_colour)
-        g, t = on.shape
-        char_logits = out[..., nk + nc + 2 :].reshape(g, t, 4, N_CHARS)
         per_object = per_object + F.cross_entropy(
             char_logits.permute(0, 3, 1, 2), targets.chars, reduction="none"
         ).sum(-1)  # [G, T]
