@@ -230,14 +230,16 @@ def format_points(
     alt: str | None = None,
     width: float | None = None,
     height: float | None = None,
+    keep_order: bool = False,
 ) -> str:
     """Molmo v1 target text for the points of one image.
 
     `points` are (x, y) pairs in pixels when `width`/`height` are given, else normalized 0-1;
     `Point` objects contribute their normalized coordinates. They are written as percentages
     with one decimal, ordered top-down then left-right: `<point x=".." y=".." alt="..">label</point>`
-    for one, `<points x1=".." y1=".." x2=".." ... alt="..">label</points>` for several. `alt`
-    defaults to `label`. With no points the answer is the plain text `NOT_PRESENT`
+    for one, `<points x1=".." y1=".." x2=".." ... alt="..">label</points>` for several
+    (`keep_order` numbers them in the order given instead, for answers that are not Molmo's
+    order on purpose, such as training augmentations). `alt` defaults to `label`. With no points the answer is the plain text `NOT_PRESENT`
     ("There are none."), as Molmo answers when the object is absent.
     """
     if not isinstance(label, str):
@@ -269,7 +271,8 @@ def format_points(
     if not cells:
         return NOT_PRESENT
 
-    cells.sort(key=lambda c: (float(c[1]), float(c[0])))  # top-down, then left-right
+    if not keep_order:
+        cells.sort(key=lambda c: (float(c[1]), float(c[0])))  # top-down, then left-right
     alt_attr = _escape(label if alt is None else alt, quote=True)
     inner = _escape(label, quote=False)
     if len(cells) == 1:

@@ -616,3 +616,102 @@ def test_grounding_loss_is_the_cross_entropy_of_the_heads_real_attention(pre, co
         assert float(got) == pytest.approx(float(want), rel=1e-4)
     finally:
         model.double()
+
+
+# ---------------------------------------------------------------- order recovery
+
+
+def test_format_points_keep_order_numbers_the_points_as_given():
+    pts = [(0.5, 0.8), (0.1, 0.2)]
+    assert format_points(pts, "dots") == '<points x1="10.0" y1="20.0" x2="50.0" y2="80.0" alt="dots">dots</points>'
+    kept = format_points(pts, "dots", keep_order=True)
+    assert kept == '<points x1="50.0" y1="80.0" x2="10.0" y2="20.0" alt="dots">dots</points>'
+
+
+def _recovered(tok):
+    """A training scene and its copy with every same-row pair's annotation rewritten."""
+    import random
+
+    from training.recovery import recover_example
+
+    for index in range(50):
+        ex = make_example("train", index, SCENES)
+        rx = recover_example(ex, 1.0, random.Random(index))
+        if sum(bool(a.masked_points) for a in rx.annotations) >= 2:
+            return ex, rx
+    raise AssertionError("no scene with two recoverable annotations")
+
+
+def test_recovery_writes_a_same_row_pair_in_reverse_and_masks_the_wrong_turn(pre, tok):
+    from molmo_model.points import parse_points
+    from training.recovery import ROW
+
+    ex, rx = _recovered(tok)
+    w, h = ex.image.size
+    packed, plain = pack_example(rx, pre, 1024), pack_example(ex, pre, 1024)
+    for before, after in zip(ex.annotations, rx.annotations, strict=True):
+        if not after.masked_points:
+            assert after is before
+            continue
+        (i,) = after.masked_points
+        old = [(p.x, p.y) for p in parse_points(before.answer, w, h)]
+        new = [(p.x, p.y) for p in parse_points(after.answer, w, h)]
+        # One neighbouring pair, in one row, swapped; the count the answer states is unchanged.
+        assert new == old[:i] + [old[i + 1], old[i]] + old[i + 2 :]
+        assert abs(old[i + 1][1] - old[i][1]) <= ROW * h + 1
+        assert parse_count(after.answer) == parse_count(before.answer) == len(old)
+        assert all(math.dist(a, b) < 1 for a, b in zip(after.points, new, strict=True))  # in the written order
+        # Labels: only the moved point's x digits lose theirs; everything else is trained.
+        segment = packed.kept.index(rx.annotations.index(after)) + 1
+        mine = (packed.segment_ids == segment).nonzero().flatten().tolist()
+        text = "".join(tok.decode([int(packed.input_ids[t + 1])]) if packed.labels[t] >= 0 else "_" for t in mine[:-1])
+        x = f"{new[i][0] / w * 100:.1f}"
+        assert f'x{i + 1}="{"_" * len(x)}"' in text, text
+        labelled = sum(int(packed.labels[t] >= 0) for t in mine)
+        plain_segment = plain.kept.index(ex.annotations.index(before)) + 1
+        plain_labelled = int((plain.labels[plain.segment_ids == plain_segment] >= 0).sum())
+        assert labelled == plain_labelled - len(x)
+
+
+def test_recovery_grounds_the_points_in_the_order_written_and_not_the_wrong_turn(pre, config, tok):
+    from molmo_model.points import parse_points
+    from training.dense import global_token_centres, grounding_targets
+
+    ex, rx = _recovered(tok)
+    w, h = ex.image.size
+    packed = pack_example(rx, pre, 1024)
+    g = grounding_targets(rx, packed, config.preprocess, tok, tok.im_patch_id, lead=True)
+    centres = global_token_centres(w, h, config.preprocess)
+    checked = 0
+    for segment, index in enumerate(packed.kept, start=1):
+        ann = rx.annotations[index]
+        if not ann.masked_points:
+            continue
+        (i,) = ann.masked_points
+        points = [(p.x, p.y) for p in parse_points(ann.answer, w, h)]
+        mine = [q for q, t in enumerate(g.positions.tolist()) if int(packed.segment_ids[t]) == segment]
+        objects = set()
+        for q in mine:
+            x, y = centres[int(g.target[q].argmax())].tolist()
+            box = next(o["box"] for o in ex.metadata["objects"] if o["box"][0] <= x < o["box"][2] and o["box"][1] <= y < o["box"][3])
+            objects.add(tuple(box))
+        on = lambda p: next(tuple(o["box"]) for o in ex.metadata["objects"] if o["box"][0] <= p[0] <= o["box"][2] and o["box"][1] <= p[1] <= o["box"][3])  # noqa: E731
+        # Every written point but the wrong turn is grounded, on its own object.
+        assert on(points[i]) not in objects
+        assert objects <= {on(p) for p in points}
+        assert on(points[i + 1]) in objects
+        checked += 1
+    assert checked >= 2
+
+
+def test_recovery_batches_are_a_function_of_the_step(pre, config):
+    def batches(prob):
+        cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=4, recovery_prob=prob)
+        sb = StepBatches(cfg, pre, _tokens_per_crop(config), end_step=3)
+        return [b.labels for b in sb[2]]
+
+    first, again, off = batches(0.5), batches(0.5), batches(0.0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert sum(int((b == IGNORE).sum()) for b in first) > sum(int((b == IGNORE).sum()) for b in off)
+    with pytest.raises(ValueError, match="recovery_prob"):
+        DataConfig(recovery_prob=1.5)

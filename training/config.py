@@ -85,6 +85,8 @@ class DataConfig:
     # this many padded tokens each (less padding, same gradient); 0 = one forward
     shuffle: bool = True  # reshuffle finite datasets every epoch
     num_workers: int = 0  # DataLoader worker processes that render and pack batches
+    recovery_prob: float = 0.0  # chance a pointing answer is rewritten to train going back for
+    # an object passed by a slip in the order (training/recovery.py); 0 = off
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "jsonl"):
@@ -95,6 +97,8 @@ class DataConfig:
             raise ValueError("data.batch_size, data.grad_accum and data.size must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.recovery_prob <= 1.0:
+            raise ValueError(f"data.recovery_prob must be in [0, 1], got {self.recovery_prob}")
         self.synthetic()  # validates the generator overrides
 
     def synthetic(self) -> SyntheticConfig:
@@ -250,14 +254,14 @@ def _demo() -> TrainConfig:
     return TrainConfig(
         model=ModelSpec(preset="demo"),
         data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024,
-                        max_batch_tokens=2400),
+                        max_batch_tokens=2400, recovery_prob=0.5),
         optim=dataclasses.replace(OPTIM_PRESETS["demo"]),
-        # ~1 s a step on the 2-core build machine, so the whole schedule fits; on a slower (or
-        # shared) one the time limit keeps the run inside 45 minutes, and schedule_by_time
-        # moves the LR schedule along with the clock so it still decays fully by then.
+        # ~0.85 s a step on a quiet 2-core build machine, so the whole schedule about fills the
+        # time limit; on a slower (or shared) one the limit keeps the run inside 45 minutes, and
+        # schedule_by_time moves the LR schedule along with the clock so it still decays fully.
         # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
         # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs).
-        run=RunConfig(out_dir="runs/demo", steps=2400, log_every=10, save_every=100, eval_every=600,
+        run=RunConfig(out_dir="runs/demo", steps=3000, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
                       dense_loss=1.0, dense_object_attributes=1.0, grounding_loss=1.0,

@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from molmo_model.config import PreprocessConfig
+from molmo_model.points import parse_points
 from molmo_model.preprocessing import fit_size
+from training.coordinates import coordinate_numbers, single_token
 
 COORD_SCALE = 10.0  # centre targets in tenths of the image: the LLM writes the tens digit
 N_CHARS = 11  # classes of a coordinate's character: digits 0-9 and the decimal point
@@ -226,46 +228,36 @@ class Grounding:
         )
 
 
-def _single_token(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text)
-    if len(ids) != 1:
-        raise ValueError(f"grounding needs {text!r} to be one token, the tokenizer gives {ids}")
-    return ids[0]
-
-
 def grounding_targets(
     example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int, lead: bool = False
 ) -> Grounding | None:
     """Attention targets of one packed sequence (`packed.kept` maps segments to annotations).
 
-    The n-th number written right after `="` in an answer is coordinate n of the answer's
-    points, which `molmo_model.points.format_points` orders top-down then left-right; every
-    digit and point of it targets the object under that point (from `metadata["objects"]`).
-    With `lead`, so do the tokens that open a point (` x`, its index, `="`): the positions
-    that decide whether there is another point and which object it is, before its first digit.
-    Annotations without points (counts of 0, captions, clocks) give no queries.
+    Coordinate n of an answer (`training.coordinates`) belongs to point n // 2 of the points
+    the answer writes, in the order it writes them; every digit and dot of it targets the
+    object under that point (from `metadata["objects"]`). With `lead`, so do the tokens that
+    open a point (` x`, its index, `="`): the positions that decide whether there is another
+    point and which object it is, before its first digit. The answer's `masked_points` (a
+    deliberate wrong turn) and tokens without a label give no queries, nor do annotations
+    without points (counts of 0, captions, clocks).
     """
     objects = example.metadata.get("objects")
     if objects is None or packed.kept is None or packed.image is None:
         return None
-    eq, dot = _single_token(tokenizer, '="'), _single_token(tokenizer, ".")
-    x_tok = _single_token(tokenizer, " x")
-    digits = {_single_token(tokenizer, str(i)) for i in range(10)}
+    x_tok = single_token(tokenizer, " x")
     width, height = example.image.size
     centres = global_token_centres(width, height, geo)
     keys = (packed.input_ids == im_patch_id).nonzero().flatten()[: centres.shape[0]]
-    labels, segments = packed.labels.tolist(), packed.segment_ids
+    labels, ids, segments = packed.labels.tolist(), packed.input_ids.tolist(), packed.segment_ids
     positions, targets = [], []
     for segment, index in enumerate(packed.kept, start=1):
-        points = example.annotations[index].points
-        if not points:
+        annotation = example.annotations[index]
+        if not annotation.points:
             continue
-        # format_points' order: rounded percentages, sorted by (y, x).
-        order = sorted(points, key=lambda p: (round(p[1] / height * 100, 1), round(p[0] / width * 100, 1)))
         masks = []
-        for px, py in order:
-            box = next((o["box"] for o in objects if o["box"][0] <= px <= o["box"][2]
-                        and o["box"][1] <= py <= o["box"][3]), None)  # fmt: skip
+        for p in parse_points(annotation.answer, width, height):  # in writing order
+            box = next((o["box"] for o in objects if o["box"][0] <= p.x <= o["box"][2]
+                        and o["box"][1] <= p.y <= o["box"][3]), None)  # fmt: skip
             if box is None:
                 masks = []
                 break
@@ -273,20 +265,23 @@ def grounding_targets(
             masks.append(on / on.sum().clamp(min=1.0))
         if not masks:
             continue
-        number, inside, opening, previous = -1, False, False, None
-        for t in (segments == segment).nonzero().flatten().tolist():
-            label = labels[t]
-            if label in digits and previous == eq:
-                number, inside, opening = number + 1, True, False
-            elif label not in digits and label != dot:
-                inside = False
-            # ` x` after the last y (or before the first x) opens point (number + 1) // 2.
-            opening = opening or (lead and label == x_tok and number % 2 == 1)
-            coordinate = number // 2 if inside else (number + 1) // 2 if opening else None
-            if coordinate is not None and coordinate < len(masks) and masks[coordinate].sum() > 0:
+        mine = (segments == segment).nonzero().flatten().tolist()
+        # Coordinates are numbered on the tokens the positions predict (unlabelled ones too, so
+        # a masked x still counts); queries go only where there is a label.
+        written = [ids[t + 1] if t + 1 < len(ids) else -1 for t in mine]
+        last, opening = -1, False
+        for t, number in zip(mine, coordinate_numbers(written, tokenizer), strict=True):
+            if number >= 0:
+                last, opening = number, False
+                point = number // 2
+            else:
+                # ` x` after the last y (or before the first x) opens point (last + 1) // 2.
+                opening = opening or (lead and labels[t] == x_tok and last % 2 == 1)
+                point = (last + 1) // 2 if opening else None
+            if (point is not None and point < len(masks) and point not in annotation.masked_points
+                    and labels[t] >= 0 and masks[point].sum() > 0):  # fmt: skip
                 positions.append(t)
-                targets.append(masks[coordinate])
-            previous = label
+                targets.append(masks[point])
     if not positions:
         return None
     q = len(positions)

@@ -14,6 +14,8 @@ render and pack ahead of the training loop.
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import Dataset
 
@@ -22,6 +24,7 @@ from training.config import DataConfig
 from training.data import JsonlDataset, SyntheticDataset
 from training.dense import dense_targets, grounding_targets
 from training.packing import Batch, collate, pack_example, split_annotations
+from training.recovery import recover_example
 
 
 def make_dataset(cfg: DataConfig) -> Dataset:
@@ -90,6 +93,9 @@ class StepBatches(Dataset):
         packed = []
         for p in positions:
             example = self.dataset[self.position_to_index(p)]
+            if self.cfg.recovery_prob > 0:  # seeded by the position: a batch is a function of its step
+                rng = random.Random(f"recovery:{self.seed}:{p}")
+                example = recover_example(example, self.cfg.recovery_prob, rng)
             sources = [example] if self.cfg.pack else split_annotations(example)
             seqs = [pack_example(e, self.pre, self.cfg.max_len) for e in sources]
             if self.dense is not None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from molmo_model.preprocessing import ImageInputs, MolmoPreprocessor, prompt_text
+from training.coordinates import coordinate_numbers
 from training.dense import DenseTargets, Grounding
 from training.records import Annotation, Example
 
@@ -114,6 +115,7 @@ def annotation_tokens(annotation: Annotation, tokenizer) -> tuple[list[int], lis
     User turns and answers are tokenized separately, the way inference sees them: the prompt
     ends at " Assistant:" and the model then writes " a". Only the last answer is followed by
     EOS, matching Molmo's multi-turn prompt (" ... Assistant: a1 User: q2 Assistant:").
+    The x coordinates of the last answer's `masked_points` are not answer tokens: no loss.
     """
     ids: list[int] = []
     is_answer: list[bool] = []
@@ -131,6 +133,12 @@ def annotation_tokens(annotation: Annotation, tokenizer) -> tuple[list[int], lis
         is_answer.extend([answer] * len(piece))
     if not any(is_answer):
         raise ValueError("annotation has no assistant turn to train on")
+    if annotation.masked_points:
+        masked = {2 * k for k in annotation.masked_points}  # point k's x is coordinate 2k
+        start = len(ids) - len(piece)  # the last answer's tokens
+        for j, number in enumerate(coordinate_numbers(piece, tokenizer), start=start):
+            if number in masked:
+                is_answer[j] = False
     ids.append(tokenizer.eos_id)
     is_answer.append(True)
     return ids, is_answer

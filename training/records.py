@@ -28,6 +28,9 @@ class Annotation:
     label: str | None = None  # what the points point at ("red circles")
     task: str | None = None  # free-form tag: "point", "count", "caption", "clock", ...
     info: dict[str, Any] = field(default_factory=dict)  # JSON-safe facts for evaluation
+    # Points (0-based, in the order the answer writes them) whose x carries no loss: a
+    # training augmentation's deliberate wrong turn (training/recovery.py).
+    masked_points: tuple[int, ...] = ()
 
     @property
     def question(self) -> str:
