@@ -13,13 +13,18 @@ counting:
 - `second_char`: the character after it;
 - `stop`: after a point, another one or `alt=` (the end of the list);
 - `dense_kind` / `dense_colour`: for runs with `run.dense_loss`, the dense head's read-out of
-  the kind and colour of the global view's tokens that lie on an object.
+  the kind and colour of the global view's tokens that lie on an object;
+- `recovery_x_first`: the same scenes with one same-row pair of points written in reverse
+  (`training.recovery`): the first character of the x that goes back for the object passed.
 
 The baseline is the first variant, `demo` (the preset unchanged). Writes
 benchmarks/results/demo_ablation_<device>.json/.csv with the machine that produced them.
 
     python benchmarks/demo_ablation.py --steps 400 --parallel 2          # all variants
     python benchmarks/demo_ablation.py --variants demo,vit_lr --steps 300
+    python benchmarks/demo_ablation.py --checkpoint runs/demo/checkpoints/step-003000 \
+        --checkpoint runs/demo_lead/checkpoints/step-002400    # any training checkpoints
+        # -> benchmarks/results/demo_diagnose_cpu.json/.csv, the first one the baseline
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import collections
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -88,8 +94,10 @@ def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
     from molmo_model.checkpoint import load_checkpoint
     from molmo_model.preprocessing import MolmoPreprocessor
     from training.config import TrainConfig
+    from training.coordinates import coordinate_numbers
     from training.dense import DenseHead, FeatureTap, dense_targets
     from training.packing import collate, pack_example
+    from training.recovery import recover_example
     from training.synthetic import make_example
 
     model, _, tok = load_checkpoint(checkpoint)
@@ -125,6 +133,21 @@ def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
             if cat is not None:
                 hits[cat].append(ok)
             hits["all_answer_tokens"].append(ok)
+        # The same scene with each same-row pair's annotation written in reverse: does the model
+        # go back for the object it passed (the first character of the x after the wrong turn)?
+        rx = recover_example(ex, 1.0, random.Random(i))
+        rseq = pack_example(rx, pre, cfg.data.max_len)
+        with torch.no_grad():
+            rpred = model(**collate([rseq], tok.pad_id, model.config.preprocess.tokens_per_side**2).model_inputs())
+        rpred, rids = rpred.logits[0].argmax(-1).tolist(), rseq.input_ids.tolist()
+        for segment, index in enumerate(rseq.kept, start=1):
+            if not rx.annotations[index].masked_points:
+                continue
+            (moved,) = rx.annotations[index].masked_points
+            mine = [t for t in range(len(rids) - 1) if int(rseq.segment_ids[t]) == segment]
+            numbers = coordinate_numbers([rids[t + 1] for t in mine], tok)
+            first = next(t for t, n in zip(mine, numbers, strict=True) if n == 2 * (moved + 1))
+            hits["recovery_x_first"].append(rpred[first] == rids[first + 1])
         if head is not None:
             t = dense_targets(ex.metadata, *ex.image.size, model.config.preprocess, syn.scene.kinds,
                               syn.scene.colours)  # fmt: skip
@@ -147,7 +170,17 @@ def main() -> None:
     p.add_argument("--root", default="runs/ablation", help="where the runs go (deleted first)")
     p.add_argument("--diagnose-only", action="store_true", help="re-read finished runs only")
     p.add_argument("--merge", action="store_true", help="keep other variants' rows of the results file")
+    p.add_argument("--checkpoint", action="append", type=Path, default=[],
+                   help="diagnose this training checkpoint instead of training variants (repeatable; "
+                        "writes demo_diagnose_<device>.json/.csv, the first one the baseline)")  # fmt: skip
     a = p.parse_args()
+    if a.checkpoint:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        rows = [{"checkpoint": str(c), **diagnose(c, a.examples)} for c in a.checkpoint]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        _write(rows, "demo_diagnose_cpu", {"baseline": rows[0]["checkpoint"], "examples": a.examples})
+        return
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -188,16 +221,21 @@ def main() -> None:
         if earlier.get("steps") == a.steps and earlier.get("examples") == a.examples:
             rows = [r for r in earlier["rows"] if r["variant"] not in names] + rows
             rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
-    out = {"baseline": rows[0]["variant"], "steps": a.steps, "examples": a.examples, "parallel": a.parallel,
-           "machine": describe_machine(), "rows": rows}  # fmt: skip
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("variant", "sets", "steps"), k))
-    with (RESULTS / f"demo_ablation_{device}.csv").open("w", newline="") as f:
+    _write(rows, f"demo_ablation_{device}", {"baseline": rows[0]["variant"], "steps": a.steps,
+                                               "examples": a.examples, "parallel": a.parallel})  # fmt: skip
+
+
+def _write(rows: list[dict], name: str, header: dict) -> None:
+    """benchmarks/results/<name>.json (the header, the machine, the rows) and <name>.csv."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**header, "machine": describe_machine(), "rows": rows}, indent=2) + "\n")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("variant", "checkpoint", "sets", "steps"), k))
+    with (RESULTS / f"{name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

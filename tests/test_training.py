@@ -715,3 +715,35 @@ def test_recovery_batches_are_a_function_of_the_step(pre, config):
     assert sum(int((b == IGNORE).sum()) for b in first) > sum(int((b == IGNORE).sum()) for b in off)
     with pytest.raises(ValueError, match="recovery_prob"):
         DataConfig(recovery_prob=1.5)
+
+
+def test_grounding_start_looks_at_every_object_of_the_answer_from_its_first_token(pre, config, tok):
+    from training.dense import _on_box, global_token_centres, grounding_targets
+
+    checked = 0
+    for index in range(8):
+        ex = make_example("train", index, SCENES)
+        packed = pack_example(ex, pre, 1024)
+        lead = grounding_targets(ex, packed, config.preprocess, tok, tok.im_patch_id, lead=True)
+        both = grounding_targets(ex, packed, config.preprocess, tok, tok.im_patch_id, lead=True, start=True)
+        if lead is None:
+            continue
+        old = set(lead.positions.tolist())
+        extra = {t: g for t, g in zip(both.positions.tolist(), both.target, strict=True) if t not in old}
+        centres = global_token_centres(*ex.image.size, config.preprocess)
+        for segment, k in enumerate(packed.kept, start=1):
+            ann = ex.annotations[k]
+            mine = (packed.segment_ids == segment).nonzero().flatten().tolist()
+            first = next(t for t in mine if packed.labels[t] >= 0)
+            if not ann.points:
+                assert first not in extra
+                continue
+            # The position that writes the answer's first token, on all its objects, evenly.
+            on = torch.zeros(len(centres))
+            for o in ex.metadata["objects"]:
+                if any(o["box"][0] <= x <= o["box"][2] and o["box"][1] <= y <= o["box"][3] for x, y in ann.points):
+                    on = torch.maximum(on, _on_box(centres, o["box"]).float())
+            assert torch.allclose(extra.pop(first), on / on.sum())
+            checked += 1
+        assert not extra
+    assert checked > 5

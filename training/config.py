@@ -132,6 +132,7 @@ class RunConfig:
     grounding_loss: float = 0.0  # weight of training.dense's attention grounding loss; 0 = off
     grounding_layers: tuple[int, ...] = (-1,)  # LLM layers whose head 0 it supervises
     grounding_lead: bool = False  # also ground the tokens that open a point (` x`, index, `="`)
+    grounding_start: bool = False  # and the answer's first token on all of the answer's objects
     dense_object_attributes: float = 0.0  # extra weight of the dense kind/colour loss on object tokens
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
     export_dir: str | None = None  # also write the final served model here

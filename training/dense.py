@@ -229,7 +229,8 @@ class Grounding:
 
 
 def grounding_targets(
-    example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int, lead: bool = False
+    example, packed, geo: PreprocessConfig, tokenizer, im_patch_id: int, lead: bool = False,
+    start: bool = False,
 ) -> Grounding | None:
     """Attention targets of one packed sequence (`packed.kept` maps segments to annotations).
 
@@ -237,7 +238,11 @@ def grounding_targets(
     the answer writes, in the order it writes them; every digit and dot of it targets the
     object under that point (from `metadata["objects"]`). With `lead`, so do the tokens that
     open a point (` x`, its index, `="`): the positions that decide whether there is another
-    point and which object it is, before its first digit. The answer's `masked_points` (a
+    point and which object it is, before its first digit. With `start`, the position that writes
+    the answer's first token targets all of the answer's objects at once (mass spread evenly over
+    their tokens): where the model decides whether there is anything to point at, it learns to
+    look at exactly the objects that match the question, and at none that share only a colour or
+    a kind with them. The answer's `masked_points` (a
     deliberate wrong turn) and tokens without a label give no queries, nor do annotations
     without points (counts of 0, captions, clocks).
     """
@@ -254,7 +259,7 @@ def grounding_targets(
         annotation = example.annotations[index]
         if not annotation.points:
             continue
-        masks = []
+        masks, every = [], torch.zeros(centres.shape[0])
         for p in parse_points(annotation.answer, width, height):  # in writing order
             box = next((o["box"] for o in objects if o["box"][0] <= p.x <= o["box"][2]
                         and o["box"][1] <= p.y <= o["box"][3]), None)  # fmt: skip
@@ -263,9 +268,14 @@ def grounding_targets(
                 break
             on = _on_box(centres, box).float()
             masks.append(on / on.sum().clamp(min=1.0))
+            every = torch.maximum(every, on)
         if not masks:
             continue
         mine = (segments == segment).nonzero().flatten().tolist()
+        first = next((t for t in mine if labels[t] >= 0), None)  # writes the answer's first token
+        if start and first is not None and every.sum() > 0:
+            positions.append(first)
+            targets.append(every / every.sum())
         # Coordinates are numbered on the tokens the positions predict (unlabelled ones too, so
         # a masked x still counts); queries go only where there is a label.
         written = [ids[t + 1] if t + 1 < len(ids) else -1 for t in mine]

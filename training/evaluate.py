@@ -289,7 +289,7 @@ def run_eval(engine, queries: Sequence[Query], with_answers: bool = False) -> di
     if with_answers:
         report["answers"] = [
             {"task": q.task, "question": q.question, "answer": a, **q.source,
-             "count": q.count, "boxes": [list(b) for b in q.boxes]}
+             "image_size": list(q.image.size), "count": q.count, "boxes": [list(b) for b in q.boxes]}
             for q, a in zip(queries, answers, strict=True)
         ]  # fmt: skip
     return report

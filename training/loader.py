@@ -50,11 +50,13 @@ class StepBatches(Dataset):
         dense: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
         grounding: int | None = None,
         grounding_lead: bool = False,
+        grounding_start: bool = False,
     ) -> None:
         self.cfg, self.pre, self.tokens_per_crop = cfg, preprocessor, tokens_per_crop
         self.dense = dense  # (kinds, colours): attach training.dense targets to each image
         self.grounding = grounding  # the <im_patch> id: attach training.dense attention targets
         self.grounding_lead = grounding_lead  # ... at the tokens opening a point too
+        self.grounding_start = grounding_start  # ... and at the answer's start, on all its objects
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.end_step = start_step, end_step
         self.dataset = make_dataset(cfg)
@@ -105,7 +107,8 @@ class StepBatches(Dataset):
             if self.grounding is not None:
                 for seq, source in zip(seqs, sources, strict=True):
                     seq.grounding = grounding_targets(source, seq, self.pre.config, self.pre.tokenizer,
-                                                      self.grounding, self.grounding_lead)  # fmt: skip
+                                                      self.grounding, self.grounding_lead,
+                                                      self.grounding_start)  # fmt: skip
             packed.extend(seqs)
         groups = [packed]
         if self.cfg.max_batch_tokens:

@@ -452,7 +452,8 @@ def train(cfg: TrainConfig) -> Path:
                           rank=d.rank, world_size=d.world_size, start_step=start, end_step=cfg.run.steps,
                           dense=dense_vocab,
                           grounding=tokenizer.im_patch_id if cfg.run.grounding_loss > 0 else None,
-                          grounding_lead=cfg.run.grounding_lead)  # fmt: skip
+                          grounding_lead=cfg.run.grounding_lead,
+                          grounding_start=cfg.run.grounding_start)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=cfg.data.num_workers,
         collate_fn=lambda x: x, prefetch_factor=2 if cfg.data.num_workers else None,
