@@ -261,7 +261,9 @@ def _demo() -> TrainConfig:
         # time limit; on a slower (or shared) one the limit keeps the run inside 45 minutes, and
         # schedule_by_time moves the LR schedule along with the clock so it still decays fully.
         # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
-        # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs).
+        # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs);
+        # order recovery, and what was tried beside it (grounding_start): the same README and
+        # benchmarks/count_errors.py.
         run=RunConfig(out_dir="runs/demo", steps=3000, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
