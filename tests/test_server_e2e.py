@@ -510,7 +510,11 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
                 return_exceptions=True,
             )
 
-    assert all(isinstance(r, httpx.ReadTimeout) for r in asyncio.run(give_up()))
+    # Each client times out: mostly while reading, but on a loaded 2-core machine a connection
+    # may time out before it is made (the request never reaches the server, which is fine).
+    gave_up = asyncio.run(give_up())
+    assert all(isinstance(r, httpx.TimeoutException) for r in gave_up), gave_up
+    assert any(isinstance(r, httpx.ReadTimeout) for r in gave_up), gave_up
     wait_idle(server)
     time.sleep(1)
     assert (metric(server, length_done), metric(server, "molmo_generation_tokens_total")) == before
