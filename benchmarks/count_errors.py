@@ -18,7 +18,9 @@ height), the ones an order slip loses, beside the same share over all true objec
 With `--checkpoint` (a training checkpoint of the report's model, one per report, which keeps
 the dense head of `run.dense_loss`), it also reads, for every false point that lies on another
 object of the scene, the dense head's kind of that object from the image tokens under it:
-whether the image features still say what the object is (the LLM chose it anyway) or not. Writes benchmarks/results/count_errors.json/.csv.
+whether the image features still say what the object is (the LLM chose it anyway) or not.
+
+Writes benchmarks/results/count_errors.json/.csv.
 
     python benchmarks/count_errors.py benchmarks/results/eval_reports/demo_2400_lead.json \\
         models/molmo-demo/eval_report.json
@@ -50,9 +52,14 @@ def _inside(p: tuple[float, float], box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
 
+def _image_size(answer: dict) -> tuple[int, int]:
+    """The answer's image size; reports from before `image_size` was kept are demo scenes."""
+    return tuple(answer.get("image_size") or (DEMO_SCENE["width_range"][0], DEMO_SCENE["height_range"][0]))
+
+
 def classify(answer: dict) -> tuple[str, list[int]]:
     """The cause of one counting answer and the indices of the true objects no point found."""
-    width, height = answer.get("image_size") or (DEMO_SCENE["width_range"][0], DEMO_SCENE["height_range"][0])
+    width, height = _image_size(answer)
     boxes, true = answer["boxes"], answer["count"]
     points = [(p.x, p.y) for p in parse_points(answer["answer"], width, height)]
     hits = [next((i for i, b in enumerate(boxes) if _inside(p, b)), None) for p in points]
@@ -133,7 +140,7 @@ def summarize(path: Path, checkpoint: Path | None = None) -> dict:
         causes[cause] += 1
         by_count[a["count"]] += 1
         right_by_count[a["count"]] += cause == "right"
-        height = (a.get("image_size") or (0, DEMO_SCENE["height_range"][0]))[1]
+        height = _image_size(a)[1]
         ys = [(b[1] + b[3]) / 2 for b in a["boxes"]]
         in_row = [any(j != i and abs(ys[j] - ys[i]) <= ROW * height for j in range(len(ys))) for i in range(len(ys))]
         objects, objects_in_row = objects + len(ys), objects_in_row + sum(in_row)

@@ -242,9 +242,8 @@ def grounding_targets(
     the answer's first token targets all of the answer's objects at once (mass spread evenly over
     their tokens): where the model decides whether there is anything to point at, it learns to
     look at exactly the objects that match the question, and at none that share only a colour or
-    a kind with them. The answer's `masked_points` (a
-    deliberate wrong turn) and tokens without a label give no queries, nor do annotations
-    without points (counts of 0, captions, clocks).
+    a kind with them. The answer's `masked_points` (a deliberate wrong turn) and tokens without
+    a label give no queries, nor do annotations without points (counts of 0, captions, clocks).
     """
     objects = example.metadata.get("objects")
     if objects is None or packed.kept is None or packed.image is None:
