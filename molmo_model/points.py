@@ -224,28 +224,12 @@ def _escape(s: str, quote: bool) -> str:
     return s.replace('"', "&quot;") if quote else s
 
 
-def format_points(
+def _cells(
     points: Sequence[Point] | Sequence[tuple[float, float]],
-    label: str,
-    alt: str | None = None,
-    width: float | None = None,
-    height: float | None = None,
-    keep_order: bool = False,
-) -> str:
-    """Molmo v1 target text for the points of one image.
-
-    `points` are (x, y) pairs in pixels when `width`/`height` are given, else normalized 0-1;
-    `Point` objects contribute their normalized coordinates. They are written as percentages
-    with one decimal, ordered top-down then left-right: `<point x=".." y=".." alt="..">label</point>`
-    for one, `<points x1=".." y1=".." x2=".." ... alt="..">label</points>` for several
-    (`keep_order` numbers them in the order given instead, for answers that are not Molmo's
-    order on purpose, such as training augmentations). `alt` defaults to `label`. With no points the answer is the plain text `NOT_PRESENT`
-    ("There are none."), as Molmo answers when the object is absent.
-    """
-    if not isinstance(label, str):
-        raise ValueError(f"label must be a string, got {type(label).__name__}")
-    if alt is not None and not isinstance(alt, str):
-        raise ValueError(f"alt must be a string or None, got {type(alt).__name__}")
+    width: float | None,
+    height: float | None,
+) -> list[tuple[str, str]]:
+    """The (x, y) percentages Molmo writes for `points`, one decimal, in the order given."""
     if (width is None) != (height is None):
         raise ValueError("width and height must be given together")
     w, h = _sizes(width, "width"), _sizes(height, "height")
@@ -268,11 +252,52 @@ def format_points(
             bounds = f"[0, {w:g}] x [0, {h:g}] pixels" if w and h else "[0, 1]"
             raise ValueError(f"points[{i}] = {p!r} is outside the image ({bounds})")
         cells.append((f"{xn * 100:.1f}", f"{yn * 100:.1f}"))
+    return cells
+
+
+def _reading_order(cells: list[tuple[str, str]]) -> list[int]:
+    # Top-down, then left-right, on the numbers as written (a stable sort: ties keep their order).
+    return sorted(range(len(cells)), key=lambda i: (float(cells[i][1]), float(cells[i][0])))
+
+
+def reading_order(
+    points: Sequence[Point] | Sequence[tuple[float, float]],
+    width: float | None = None,
+    height: float | None = None,
+) -> list[int]:
+    """The indices of `points` in the order `format_points` writes them (same arguments)."""
+    return _reading_order(_cells(points, width, height))
+
+
+def format_points(
+    points: Sequence[Point] | Sequence[tuple[float, float]],
+    label: str,
+    alt: str | None = None,
+    width: float | None = None,
+    height: float | None = None,
+    keep_order: bool = False,
+) -> str:
+    """Molmo v1 target text for the points of one image.
+
+    `points` are (x, y) pairs in pixels when `width`/`height` are given, else normalized 0-1;
+    `Point` objects contribute their normalized coordinates. They are written as percentages
+    with one decimal, ordered top-down then left-right (`reading_order`):
+    `<point x=".." y=".." alt="..">label</point>` for one, `<points x1=".." y1=".." x2=".." ...
+    alt="..">label</points>` for several (`keep_order` numbers them in the order given instead,
+    for answers that are not Molmo's order on purpose, such as training augmentations). `alt`
+    defaults to `label`. With no points the answer is the plain text `NOT_PRESENT` ("There are
+    none."), as Molmo answers when the object is absent.
+    """
+    if not isinstance(label, str):
+        raise ValueError(f"label must be a string, got {type(label).__name__}")
+    if alt is not None and not isinstance(alt, str):
+        raise ValueError(f"alt must be a string or None, got {type(alt).__name__}")
+    cells = _cells(points, width, height)
     if not cells:
         return NOT_PRESENT
 
     if not keep_order:
-        cells.sort(key=lambda c: (float(c[1]), float(c[0])))  # top-down, then left-right
+        cells = [cells[i] for i in _reading_order(cells)]
     alt_attr = _escape(label if alt is None else alt, quote=True)
     inner = _escape(label, quote=False)
     if len(cells) == 1:

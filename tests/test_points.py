@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from molmo_model.points import NOT_PRESENT, Point, format_points, parse_points
+from molmo_model.points import NOT_PRESENT, Point, format_points, parse_points, reading_order
 
 # ---------------------------------------------------------------- v1
 
@@ -213,6 +213,17 @@ def test_format_orders_top_down_then_left_right_and_numbers():
         '<points x1="30.0" y1="10.0" x2="10.0" y2="20.0" x3="50.0" y3="20.0" '
         'alt="three dogs">dogs</points>'
     )
+
+
+def test_reading_order_is_the_order_format_points_writes():
+    # In pixels, y 20.04 and 20.01 both write as "20.0": the tie goes to x, as in the text.
+    pts = [(150.0, 20.04), (50.0, 40.0), (20.0, 20.01), (90.0, 10.0)]
+    order = reading_order(pts, width=200, height=100)
+    assert order == [3, 2, 0, 1]
+    text = format_points(pts, "dogs", width=200, height=100)
+    written = [(p.x, p.y) for p in parse_points(text, 200, 100)]
+    assert written == [(round(pts[i][0], 1), round(pts[i][1], 1)) for i in order]
+    assert format_points([pts[i] for i in order], "dogs", width=200, height=100, keep_order=True) == text
 
 
 def test_format_accepts_points_and_none_present():

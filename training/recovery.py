@@ -26,19 +26,10 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from molmo_model.points import format_points
+from molmo_model.points import format_points, reading_order
 from training.records import Annotation, Example
 
 ROW = 0.12  # two centres this close in height (a fraction of it) are in one row
-
-
-def _written_order(
-    points: list[tuple[float, float]], width: int, height: int
-) -> list[tuple[float, float]]:
-    """The points in the order format_points writes them: rounded percentages, by (y, x)."""
-    return sorted(
-        points, key=lambda p: (round(p[1] / height * 100, 1), round(p[0] / width * 100, 1))
-    )
 
 
 def recover_order(
@@ -54,7 +45,7 @@ def recover_order(
         or annotation.label is None
     ):
         return None
-    order = _written_order(list(points), width, height)
+    order = [points[i] for i in reading_order(points, width, height)]
     pairs = [i for i in range(len(order) - 1) if abs(order[i + 1][1] - order[i][1]) <= ROW * height]
     if not pairs:
         return None
