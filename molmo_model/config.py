@@ -264,14 +264,16 @@ def demo(vocab_size: int = 512) -> MolmoConfig:
     LLM on Molmo's image layout at two thirds of its resolution (224 px crops of 14 px
     patches, 2x2 pooling, margins 4; max_crops 1: a global view + one crop, 148 image tokens,
     against 316 at 336 px), LLM head dim 64 (a size vLLM's CPU attention has). The smaller
-    crop halves the cost of an image, which buys a CPU run twice the images."""
+    crop halves the cost of an image, which buys a CPU run twice the images. The LLM is deep
+    rather than wide (4 layers, MLP 512): at about the same cost as 3 layers with MLP 1024 it
+    counts better (models/molmo-demo/README.md)."""
     return MolmoConfig(
         llm=LLMConfig(
             hidden_size=192,
-            intermediate_size=2 * 512,
+            intermediate_size=512,
             num_attention_heads=3,
             num_key_value_heads=3,
-            num_hidden_layers=3,
+            num_hidden_layers=4,
             vocab_size=vocab_size,
             embedding_size=vocab_size,
             max_position_embeddings=4096,

@@ -257,14 +257,15 @@ def _demo() -> TrainConfig:
         data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024,
                         max_batch_tokens=2400, recovery_prob=0.5),
         optim=dataclasses.replace(OPTIM_PRESETS["demo"]),
-        # ~0.85 s a step on a quiet 2-core build machine, so the whole schedule about fills the
-        # time limit; on a slower (or shared) one the limit keeps the run inside 45 minutes, and
-        # schedule_by_time moves the LR schedule along with the clock so it still decays fully.
+        # 0.6-0.8 s a step on the 2-core build machine (its speed varies with its neighbours):
+        # 3600 steps about fill the time limit, which keeps a slower run inside 45 minutes (the
+        # demo stopped at step 3430), and schedule_by_time moves the LR schedule along with the
+        # clock so it still decays fully.
         # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
         # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs);
         # order recovery, and what was tried beside it (grounding_start): the same README and
         # benchmarks/count_errors.py.
-        run=RunConfig(out_dir="runs/demo", steps=3000, log_every=10, save_every=100, eval_every=600,
+        run=RunConfig(out_dir="runs/demo", steps=3600, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
                       dense_loss=1.0, dense_object_attributes=1.0, grounding_loss=1.0,
