@@ -59,6 +59,9 @@ VARIANTS: dict[str, list[str]] = {
     "vit_lr+ground_2_layers": ["optim.vit_lr=0.001", "run.grounding_layers=[-2,-1]"],
     "ground_lead": ["run.grounding_lead=true"],
     "object_attributes": ["run.dense_object_attributes=1"],
+    # Deeper LLMs at about the same matmul cost: more layers before the grounded ones.
+    "llm_4_layers": ["model.llm.num_hidden_layers=4", "model.llm.intermediate_size=512"],
+    "llm_5_layers": ["model.llm.num_hidden_layers=5", "model.llm.intermediate_size=384"],
 }
 
 

@@ -105,6 +105,7 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--data-config", help="a TrainConfig file whose [data] describes the scenes; "
                    "default: the model's train_config.json, else the generator's defaults")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=320)
+    p.add_argument("--dtype", default="auto", help="vLLM's dtype for --engine vllm (auto: vLLM's choice)")
     p.add_argument("--out", help="write the JSON report here (default: MODEL/eval_report.json)")
     p.add_argument("--answers", action="store_true", help="include every answer in the report")
     a = p.parse_args(argv)
@@ -131,12 +132,12 @@ def evaluate(argv: list[str]) -> int:
 
     queries = held_out_queries(a.examples, synthetic, a.split, a.start, tasks)
     if a.engine == "vllm":
-        engine = VllmEngine(model_dir, max_new_tokens=a.max_new_tokens)
+        engine = VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
     else:
         engine = ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens)
     report = run_eval(engine, queries, with_answers=a.answers)
     report = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
-              "start": a.start, "tasks": list(tasks), **report}  # fmt: skip
+              "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}), **report}  # fmt: skip
     out = Path(a.out) if a.out else model_dir / "eval_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: report[k] for k in ("pointing", "counting", "clock") if k in report}

@@ -238,7 +238,9 @@ class ReferenceEngine:
 class VllmEngine:
     """Greedy answers from vLLM with our Molmo plugin: what the server runs."""
 
-    def __init__(self, model_dir: str | Path, max_new_tokens: int = 256, max_model_len: int = 2048) -> None:
+    def __init__(
+        self, model_dir: str | Path, max_new_tokens: int = 256, max_model_len: int = 2048, dtype: str = "auto"
+    ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM, SamplingParams
 
@@ -250,6 +252,7 @@ class VllmEngine:
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1},
             seed=0,
+            dtype=dtype,
         )
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
