@@ -262,9 +262,9 @@ def _demo() -> TrainConfig:
         # demo stopped at step 3430), and schedule_by_time moves the LR schedule along with the
         # clock so it still decays fully.
         # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
-        # grounding the tokens that open a point: models/molmo-demo/README.md (two full runs);
-        # order recovery, and what was tried beside it (grounding_start): the same README and
-        # benchmarks/count_errors.py.
+        # grounding the tokens that open a point, order recovery, the 4-layer shape and what was
+        # tried beside them (grounding_start, 5 layers): full runs in benchmarks/RESULTS.md ("The
+        # demo model") and models/molmo-demo/README.md.
         run=RunConfig(out_dir="runs/demo", steps=3600, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
