@@ -223,7 +223,8 @@ def test_reading_order_is_the_order_format_points_writes():
     text = format_points(pts, "dogs", width=200, height=100)
     written = [(p.x, p.y) for p in parse_points(text, 200, 100)]
     assert written == [(round(pts[i][0], 1), round(pts[i][1], 1)) for i in order]
-    assert format_points([pts[i] for i in order], "dogs", width=200, height=100, keep_order=True) == text
+    ordered = [pts[i] for i in order]
+    assert format_points(ordered, "dogs", width=200, height=100, keep_order=True) == text
 
 
 def test_format_accepts_points_and_none_present():
