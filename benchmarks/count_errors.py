@@ -41,15 +41,11 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 from molmo_model.points import parse_points  # noqa: E402
 from training.config import DEMO_SCENE  # noqa: E402
-from training.evaluate import COUNT_RANGE, parse_count  # noqa: E402
+from training.evaluate import COUNT_RANGE, inside, parse_count  # noqa: E402
 from training.recovery import ROW  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CAUSES = ("right", "skipped", "stopped_early", "false_points", "duplicates", "other")
-
-
-def _inside(p: tuple[float, float], box) -> bool:
-    return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
 
 def _image_size(answer: dict) -> tuple[int, int]:
@@ -62,7 +58,7 @@ def classify(answer: dict) -> tuple[str, list[int]]:
     width, height = _image_size(answer)
     boxes, true = answer["boxes"], answer["count"]
     points = [(p.x, p.y) for p in parse_points(answer["answer"], width, height)]
-    hits = [next((i for i, b in enumerate(boxes) if _inside(p, b)), None) for p in points]
+    hits = [next((i for i, b in enumerate(boxes) if inside(p, b)), None) for p in points]
     found = {h for h in hits if h is not None}
     missed = [i for i in range(len(boxes)) if i not in found]
     stated = parse_count(answer["answer"])
@@ -84,24 +80,18 @@ def dense_read_of_false_objects(report: dict, checkpoint: Path) -> dict[str, int
     read that object's kind right, or as the kind the question asked for?"""
     import torch
 
-    from molmo_model.checkpoint import load_checkpoint
+    from benchmarks.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
-    from training.config import TrainConfig
-    from training.dense import DenseHead, FeatureTap, global_token_centres
+    from training.dense import global_token_centres
     from training.packing import collate, pack_example
     from training.synthetic import make_example
 
-    model, _, tok = load_checkpoint(checkpoint)
-    model.eval()
-    cfg = TrainConfig.from_dict(json.loads((checkpoint / "train_config.json").read_text()))
-    syn, geo = cfg.data.synthetic(), model.config.preprocess
-    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
-    if "dense_head" not in state:
+    model, tok, cfg, head, tap = load_for_diagnosis(checkpoint)
+    if head is None:
         raise SystemExit(f"{checkpoint} has no dense head (trained without run.dense_loss)")
+    syn, geo = cfg.data.synthetic(), model.config.preprocess
     kinds = syn.scene.kinds
-    head = DenseHead(model.config.llm.hidden_size, len(kinds), len(syn.scene.colours))
-    head.load_state_dict(state["dense_head"])
-    tap, pre = FeatureTap(model.model.vision_backbone), MolmoPreprocessor(geo, tok)
+    pre = MolmoPreprocessor(geo, tok)
     reads: collections.Counter = collections.Counter()
     lo, hi = COUNT_RANGE
     for a in report["answers"]:
@@ -115,10 +105,10 @@ def dense_read_of_false_objects(report: dict, checkpoint: Path) -> dict[str, int
         centres = global_token_centres(*ex.image.size, geo).tolist()
         asked = next((k for k in kinds if k in a["question"]), None)
         for p in parse_points(a["answer"], *ex.image.size):
-            if any(_inside((p.x, p.y), b) for b in a["boxes"]):
+            if any(inside((p.x, p.y), b) for b in a["boxes"]):
                 continue
-            obj = next((o for o in ex.metadata["objects"] if _inside((p.x, p.y), o["box"])), None)
-            under = [i for i, c in enumerate(centres) if obj is not None and _inside(c, obj["box"])]
+            obj = next((o for o in ex.metadata["objects"] if inside((p.x, p.y), o["box"])), None)
+            under = [i for i, c in enumerate(centres) if obj is not None and inside(c, obj["box"])]
             if not under:
                 reads["background_or_no_token"] += 1
                 continue

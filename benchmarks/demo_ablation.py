@@ -94,26 +94,17 @@ def _category(toks: list[str], j: int) -> str | None:
 
 def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
     """Teacher-forced decision accuracies (and the dense head's) on held-out scenes."""
-    from molmo_model.checkpoint import load_checkpoint
+    from benchmarks.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
-    from training.config import TrainConfig
     from training.coordinates import coordinate_numbers
-    from training.dense import DenseHead, FeatureTap, dense_targets
+    from training.dense import dense_targets
     from training.packing import collate, pack_example
     from training.recovery import recover_example
     from training.synthetic import make_example
 
-    model, _, tok = load_checkpoint(checkpoint)
-    model.eval()
-    cfg = TrainConfig.from_dict(json.loads((checkpoint / "train_config.json").read_text()))
+    model, tok, cfg, head, tap = load_for_diagnosis(checkpoint)
     syn = cfg.data.synthetic()
     pre = MolmoPreprocessor(model.config.preprocess, tok)
-    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=False)
-    head = tap = None
-    if "dense_head" in state:
-        head = DenseHead(model.config.llm.hidden_size, len(syn.scene.kinds), len(syn.scene.colours))
-        head.load_state_dict(state["dense_head"])
-        tap = FeatureTap(model.model.vision_backbone)
     hits: dict[str, list[bool]] = collections.defaultdict(list)
     for i in range(examples):
         ex = make_example("val", i, syn)
