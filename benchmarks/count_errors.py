@@ -41,8 +41,9 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 from molmo_model.points import parse_points  # noqa: E402
 from training.config import DEMO_SCENE  # noqa: E402
-from training.evaluate import COUNT_RANGE, inside, parse_count  # noqa: E402
+from training.evaluate import COUNT_RANGE, parse_count  # noqa: E402
 from training.recovery import ROW  # noqa: E402
+from training.shapes import inside  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CAUSES = ("right", "skipped", "stopped_early", "false_points", "duplicates", "other")

@@ -37,6 +37,7 @@ from training.recipe import (
     lr_factor,
 )
 from training.records import Annotation, Example
+from training.shapes import inside
 from training.synthetic import SceneConfig, SyntheticConfig, make_example
 from training.train import STATE_FILE, train
 
@@ -695,7 +696,7 @@ def test_recovery_grounds_the_points_in_the_order_written_and_not_the_wrong_turn
             x, y = centres[int(g.target[q].argmax())].tolist()
             box = next(o["box"] for o in ex.metadata["objects"] if o["box"][0] <= x < o["box"][2] and o["box"][1] <= y < o["box"][3])
             objects.add(tuple(box))
-        on = lambda p: next(tuple(o["box"]) for o in ex.metadata["objects"] if o["box"][0] <= p[0] <= o["box"][2] and o["box"][1] <= p[1] <= o["box"][3])  # noqa: E731
+        on = lambda p: next(tuple(o["box"]) for o in ex.metadata["objects"] if inside(p, o["box"]))  # noqa: E731
         # Every written point but the wrong turn is grounded, on its own object.
         assert on(points[i]) not in objects
         assert objects <= {on(p) for p in points}
@@ -741,7 +742,7 @@ def test_grounding_start_looks_at_every_object_of_the_answer_from_its_first_toke
             # The position that writes the answer's first token, on all its objects, evenly.
             on = torch.zeros(len(centres))
             for o in ex.metadata["objects"]:
-                if any(o["box"][0] <= x <= o["box"][2] and o["box"][1] <= y <= o["box"][3] for x, y in ann.points):
+                if any(inside(p, o["box"]) for p in ann.points):
                     on = torch.maximum(on, _on_box(centres, o["box"]).float())
             assert torch.allclose(extra.pop(first), on / on.sum())
             checked += 1

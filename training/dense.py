@@ -48,6 +48,7 @@ from molmo_model.config import PreprocessConfig
 from molmo_model.points import parse_points
 from molmo_model.preprocessing import fit_size
 from training.coordinates import coordinate_numbers, single_token
+from training.shapes import inside
 
 COORD_SCALE = 10.0  # centre targets in tenths of the image: the LLM writes the tens digit
 N_CHARS = 11  # classes of a coordinate's character: digits 0-9 and the decimal point
@@ -260,8 +261,7 @@ def grounding_targets(
             continue
         masks, every = [], torch.zeros(centres.shape[0])
         for p in parse_points(annotation.answer, width, height):  # in writing order
-            box = next((o["box"] for o in objects if o["box"][0] <= p.x <= o["box"][2]
-                        and o["box"][1] <= p.y <= o["box"][3]), None)  # fmt: skip
+            box = next((o["box"] for o in objects if inside((p.x, p.y), o["box"])), None)
             if box is None:
                 masks = []
                 break

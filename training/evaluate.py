@@ -40,6 +40,7 @@ from scipy.optimize import linear_sum_assignment
 
 from molmo_model.points import parse_points
 from training.records import Example
+from training.shapes import inside
 
 COUNT_RANGE = (1, 10)  # counting accuracy is reported on queries with this many objects
 _COUNT_RE = re.compile(r"there (?:is|are) (\d+)", re.IGNORECASE)
@@ -87,12 +88,6 @@ def queries_from_example(example: Example, tasks: Sequence[str] = ("point", "cou
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
-    x, y = point
-    x0, y0, x1, y1 = box
-    return x0 <= x <= x1 and y0 <= y <= y1
 
 
 def match_points(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,13 @@ COUNT_TEMPLATES = (
 )
 
 
+def inside(point: Sequence[float], box: Sequence[float]) -> bool:
+    """Whether (x, y) lies in the box (x0, y0, x1, y1), edges included: a hit for pointing."""
+    x, y = point
+    x0, y0, x1, y1 = box
+    return x0 <= x <= x1 and y0 <= y <= y1
+
+
 @dataclass(frozen=True)
 class SceneObject:
     """One drawn shape. `box` is (x0, y0, x1, y1) in pixels, x1/y1 exclusive."""
@@ -84,8 +92,7 @@ class SceneObject:
         return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
 
     def contains(self, x: float, y: float) -> bool:
-        x0, y0, x1, y1 = self.box
-        return x0 <= x <= x1 and y0 <= y <= y1
+        return inside((x, y), self.box)
 
     def to_dict(self) -> dict[str, Any]:
         return {
