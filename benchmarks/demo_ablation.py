@@ -62,6 +62,8 @@ VARIANTS: dict[str, list[str]] = {
     # Deeper LLMs at about the same matmul cost: more layers before the grounded ones.
     "llm_4_layers": ["model.llm.num_hidden_layers=4", "model.llm.intermediate_size=512"],
     "llm_5_layers": ["model.llm.num_hidden_layers=5", "model.llm.intermediate_size=384"],
+    # More attention patterns at the same matmul cost: 6 heads of 32 instead of 3 of 64.
+    "llm_6_heads": ["model.llm.num_attention_heads=6", "model.llm.num_key_value_heads=6"],
 }
 
 
