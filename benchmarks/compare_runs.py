@@ -23,7 +23,8 @@ METRICS = ("loss", "grounding_loss", "dense_loss")
 
 def read_log(path: Path) -> dict[int, dict]:
     log = path / "log.jsonl" if path.is_dir() else path
-    return {row["step"]: row for row in map(json.loads, log.read_text().splitlines()) if row}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {row["step"]: row for row in rows}
 
 
 def windows(rows: dict[int, dict], width: int, last: int) -> list[dict]:
