@@ -7,6 +7,7 @@ in float32, hence the 1e-6 tolerance); the 2-process test uses torch.multiproces
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -271,6 +272,28 @@ def test_schedule_by_time_ends_the_decay_at_the_time_limit(tmp_path):
     assert state["scheduler"]["last_epoch"] == 10_000  # ...with the schedule at its end
     for group in state["optimizer"]["param_groups"]:
         assert group["lr"] == pytest.approx(group["initial_lr"] * cfg.optim.final_lr_fraction)
+
+
+def test_schedule_by_time_keeps_the_warmup_by_steps(tmp_path):
+    # A far-off step count and a short limit: the clock alone would jump the schedule past a
+    # 3-step warmup at once; the warmup still runs step by step, the clock takes over after it.
+    cfg = _run_config(tmp_path, steps=100_000, time_limit_s=2.0, schedule_by_time=True)
+    cfg.optim = dataclasses.replace(cfg.optim, connector_warmup=3, vit_warmup=3, llm_warmup=3)
+    train(cfg)
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    peak = cfg.optim.llm_lr
+    # lr_* is the rate the step trained with: 1/3, 2/3, 3/3 of the peak over the warmup.
+    assert [r["lr_llm"] for r in rows[:3]] == pytest.approx([peak / 3, 2 * peak / 3, peak])
+    assert rows[-1]["lr_llm"] < 0.5 * peak  # ...and the clock decayed it by the limit
+
+
+def test_clock_schedule_position_maps_the_time_left_onto_the_steps_left():
+    from training.train import clock_schedule_position
+
+    assert clock_schedule_position((30, 10.0), 10.0, 110.0, 1030) == pytest.approx(30)
+    assert clock_schedule_position((30, 10.0), 60.0, 110.0, 1030) == pytest.approx(530)
+    assert clock_schedule_position((30, 10.0), 110.0, 110.0, 1030) == pytest.approx(1030)
+    assert clock_schedule_position((30, 200.0), 200.0, 110.0, 1030) == 1030  # warmup outlasted the limit
 
 
 @pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-and-grounding"])

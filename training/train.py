@@ -53,7 +53,7 @@ from training.config import TrainConfig
 from training.dense import DenseHead, FeatureTap, GroundingLoss
 from training.loader import StepBatches
 from training.packing import Batch
-from training.recipe import build_optimizer, clip_grad_norms, init_from_scratch
+from training.recipe import COMPONENTS, build_optimizer, clip_grad_norms, init_from_scratch
 
 STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -112,6 +112,16 @@ class Supervision:
     dense_weight: float = 0.0
     grounding: GroundingLoss | None = None  # attention grounding of the coordinates
     grounding_weight: float = 0.0
+
+
+def clock_schedule_position(anchor: tuple[int, float], now: float, limit: float, total: int) -> float:
+    """The schedule step the clock calls for under `run.schedule_by_time`: the time left after
+    `anchor` = (step, seconds into the loop), when the clock took over, maps linearly onto the
+    steps left, so the decay ends at the time limit however fast the machine is."""
+    step, at = anchor
+    if at >= limit:
+        return float(total)
+    return step + (now - at) / (limit - at) * (total - step)
 
 
 def forward_backward_step(
@@ -324,6 +334,8 @@ def plot_losses(log_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not log_path.exists():  # stopped before its first log row
+        return
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     if not rows:
@@ -478,15 +490,24 @@ def train(cfg: TrainConfig) -> Path:
 
         bar = tqdm(total=cfg.run.steps, initial=start, desc="train", dynamic_ncols=True)
     t_start, window = time.perf_counter(), []
+    warmup_steps = max(cfg.optim.warmup(c) for c in COMPONENTS)
+    clock_anchor: tuple[int, float] | None = None  # (step, seconds) where the clock takes over
     step = start
     for micro_batches in loader:
         t0 = time.perf_counter()
         metrics = train_step(model, optimizer, scheduler, micro_batches, d, cfg, autocast, extra)
         step += 1
         if cfg.run.schedule_by_time and cfg.run.time_limit_s > 0:
-            # Where the clock says the schedule should be (rank 0's clock, as for the limit).
-            used = (time.perf_counter() - t_start) / cfg.run.time_limit_s
-            ahead = int(all_reduce_sum(float(d.main) * (start + used * (cfg.run.steps - start)), d))
+            # The warmup goes by steps; after it, rank 0's clock (as for the limit) moves the
+            # schedule at least as fast as the time left runs out.
+            now = time.perf_counter() - t_start
+            if clock_anchor is None and step >= max(start, warmup_steps):
+                clock_anchor = (step, now)
+            if clock_anchor is not None:
+                by_clock = clock_schedule_position(clock_anchor, now, cfg.run.time_limit_s, cfg.run.steps)
+                ahead = int(all_reduce_sum(float(d.main) * by_clock, d))
+            else:
+                ahead = 0
             if ahead > scheduler.last_epoch:
                 scheduler.last_epoch = min(ahead, cfg.run.steps) - 1
                 scheduler.step()
@@ -494,7 +515,12 @@ def train(cfg: TrainConfig) -> Path:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+        # Every rank stops at the same step: rank 0's clock decides.
+        out_of_time = cfg.run.time_limit_s > 0 and all_reduce_sum(
+            float(d.main and time.perf_counter() - t_start > cfg.run.time_limit_s), d
+        ) > 0
+        # The last step of a run stopped by the clock is logged too.
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps or out_of_time:
             seconds = sum(w[0] for w in window)
             row = {
                 "step": step,
@@ -513,10 +539,6 @@ def train(cfg: TrainConfig) -> Path:
             if d.main:
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-        # Every rank stops at the same step: rank 0's clock decides.
-        out_of_time = cfg.run.time_limit_s > 0 and all_reduce_sum(
-            float(d.main and time.perf_counter() - t_start > cfg.run.time_limit_s), d
-        ) > 0
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.steps or out_of_time:
             position = {"step": step, "images_seen": step * batches.global_batch}
             save_training_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg, d, position,
