@@ -8,10 +8,11 @@
 # B: the same preset at the CPU demo's 8 images a step, with the kernels forced to their PyTorch
 #    references (MOLMO_KERNELS_BACKEND=torch): a second model should A go wrong, and a run whose
 #    attention does not go through our kernel.
-# The tiny model leaves the GPU idle most of the time (each step waits on Python and launches),
-# so the two runs share it with little loss; each keeps its own 450 s limit. Each run's served
-# model, log and loss curve come back as OUT/<run>_model.tar.gz, its last resumable state as
-# OUT/<run>_state.pt; then `benchmarks/kernel_ops.py --check` (cut at 60 s) writes its JSON/CSV.
+# The two runs share the GPU (each keeps its own 450 s limit; OUT/gpu_utilization.txt samples
+# how busy it is). Each run's served model, log and loss curve come back as
+# OUT/<run>_model.tar.gz, its last resumable state as OUT/<run>_state.pt. Then
+# `benchmarks/kernel_ops.py --check` runs, cut at 60 s (on an H100 that ended its timings
+# before their JSON/CSV: results/kernel_ops_check_NVIDIA_H100_80GB_HBM3.txt is its output).
 # Runs from a checkout with no install (PYTHONPATH), on the machine's own python3 and torch.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_demo}

@@ -23,7 +23,7 @@ from pathlib import Path
 from server.config import ServerConfig
 
 DEFAULT_PRESET = "tiny"
-# The project's trained demo model (`molmo train --preset demo`; see its README.md).
+# The project's trained demo model (`molmo train --preset demo-gpu`; see its README.md).
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "molmo-demo"
 
 

@@ -1,6 +1,7 @@
 """`molmo train` and `molmo eval` (dispatched from molmo_model/cli.py).
 
-    molmo train --preset demo                          # the CPU demo model, ~40 min on 2 cores
+    molmo train --preset demo-gpu                      # the demo model, 450 s on one GPU
+    molmo train --preset demo                          # the CPU demo model, ~45 min on 2 cores
     molmo train --config run.toml [--set run.steps=50 --set data.batch_size=2]
     molmo train --list-presets
     molmo eval --model models/molmo-demo --engine vllm --examples 200 --out eval_report.json

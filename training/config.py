@@ -264,8 +264,8 @@ def _demo() -> TrainConfig:
         # clock so it still decays fully.
         # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
         # grounding the tokens that open a point, order recovery, the 4-layer shape and what was
-        # tried beside them (grounding_start, 5 layers): full runs in benchmarks/RESULTS.md ("The
-        # demo model") and models/molmo-demo/README.md.
+        # tried beside them (grounding_start, 5 layers): full runs in benchmarks/RESULTS.md ("CPU:
+        # the demo model") and models/molmo-demo/README.md.
         run=RunConfig(out_dir="runs/demo", steps=3600, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
                       schedule_by_time=True,
@@ -276,10 +276,10 @@ def _demo() -> TrainConfig:
 
 def _demo_gpu() -> TrainConfig:
     """The demo's recipe on one lent GPU (an H100's 15 minutes): the same model, data, losses
-    and learning rates, for 450 s of training. The tiny model leaves a GPU waiting on Python and
-    kernel launches, so a step costs about the same at 16 images as at 8: twice the demo's batch
-    in one forward (no length-sorted split), the images rendered by 8 loader processes, fp32
-    (bf16 autocast only adds casts at this size), no quick evaluations in the loop."""
+    and learning rates, for 450 s of training. Twice the demo's batch in one forward (no
+    length-sorted split): on an H100 a step of 16 images cost 126 ms against 92 ms for 8, and
+    in the same 450 s it counted better (benchmarks/RESULTS.md). The images are rendered by 8
+    loader processes; fp32 (bf16 autocast only adds casts at this size); no quick evaluations."""
     cfg = _demo()
     cfg.data = dataclasses.replace(cfg.data, batch_size=16, max_batch_tokens=0, num_workers=8)
     cfg.run = dataclasses.replace(cfg.run, out_dir="runs/demo-gpu", steps=20_000, device="cuda",

@@ -1,6 +1,7 @@
 """The training loop: `train` -> `train_step` -> `forward_backward_step`, flat and explicit.
 
-    molmo train --preset demo                       # the CPU demo model (see models/molmo-demo)
+    molmo train --preset demo-gpu                   # the demo model, 450 s on one GPU (models/molmo-demo)
+    molmo train --preset demo                       # the same recipe on the CPU, ~45 min
     molmo train --config my_run.toml                # any TrainConfig (training/config.py)
     torchrun --nproc-per-node 2 -m training.cli train --config my_run.toml   # DDP / FSDP
 
