@@ -24,7 +24,7 @@ from molmo_model.model import MolmoForCausalLM
 from molmo_model.points import format_points
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import build_tokenizer
-from training.config import DEMO_SCENE, DataConfig, ModelSpec, RunConfig, TrainConfig
+from training.config import DEMO_SCENE, DataConfig, ModelSpec, RunConfig, TrainConfig, run_preset
 from training.evaluate import Query, match_points, parse_count, parse_time, point_scores, score
 from training.loader import StepBatches
 from training.packing import IGNORE, collate, pack_example, pack_tokens, split_annotations
@@ -261,6 +261,29 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     final = train(_run_config(tmp_path, steps=50, time_limit_s=1e-3))
     assert (tmp_path / "checkpoints" / "step-000001" / STATE_FILE).exists()
     assert (final / "model.safetensors").exists()
+
+
+def test_a_run_stopped_by_the_clock_logs_its_last_step(tmp_path):
+    # Stopped at step 1, long before its first log row would be due: the step is still logged,
+    # and the loss curve is drawn from it.
+    cfg = _run_config(tmp_path, steps=50, time_limit_s=1e-3)
+    cfg.run.log_every = 1000
+    final = train(cfg)
+    assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1]
+    assert (final / "loss.png").stat().st_size > 0
+
+
+def test_demo_gpu_preset_is_the_demo_recipe_on_a_gpu():
+    cpu, gpu = run_preset("demo"), run_preset("demo-gpu")
+    assert gpu.model == cpu.model and gpu.optim == cpu.optim  # the same model and optimiser
+    assert gpu.data.scene == cpu.data.scene and gpu.data.recovery_prob == cpu.data.recovery_prob
+    assert gpu.data.max_len == cpu.data.max_len and gpu.data.clock_fraction == cpu.data.clock_fraction
+    for name in ("dense_loss", "dense_object_attributes", "grounding_loss", "grounding_layers",
+                 "grounding_lead", "grounding_start", "response_dropout", "seed", "schedule_by_time",
+                 "export_dir"):  # fmt: skip
+        assert getattr(gpu.run, name) == getattr(cpu.run, name), name
+    assert gpu.run.device == "cuda" and gpu.data.batch_size == 2 * cpu.data.batch_size
+    assert 0 < gpu.run.time_limit_s <= 15 * 60  # inside a lent GPU's 15 minutes
 
 
 def test_schedule_by_time_ends_the_decay_at_the_time_limit(tmp_path):

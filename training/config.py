@@ -277,9 +277,10 @@ def _demo() -> TrainConfig:
 def _demo_gpu() -> TrainConfig:
     """The demo's recipe on one lent GPU (an H100's 15 minutes): the same model, data, losses
     and learning rates, for 450 s of training. Twice the demo's batch in one forward (no
-    length-sorted split): on an H100 a step of 16 images cost 126 ms against 92 ms for 8, and
-    in the same 450 s it counted better (benchmarks/RESULTS.md). The images are rendered by 8
-    loader processes; fp32 (bf16 autocast only adds casts at this size); no quick evaluations."""
+    length-sorted split): on an H100 shared by two runs, a step of 16 images cost 126 ms against
+    92 ms for 8, and in the same 450 s it counted better (benchmarks/RESULTS.md; alone on the
+    GPU a step of 16 costs 86-88 ms). The images are rendered by 8 loader processes. fp32, as
+    the CPU demo trains (bf16 autocast is untried at this size); no quick evaluations."""
     cfg = _demo()
     cfg.data = dataclasses.replace(cfg.data, batch_size=16, max_batch_tokens=0, num_workers=8)
     cfg.run = dataclasses.replace(cfg.run, out_dir="runs/demo-gpu", steps=20_000, device="cuda",
