@@ -39,7 +39,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from molmo_model.points import parse_points  # noqa: E402
+from molmo_model.points import parse_points, reading_order  # noqa: E402
 from training.config import DEMO_SCENE  # noqa: E402
 from training.evaluate import COUNT_RANGE, parse_count  # noqa: E402
 from training.recovery import ROW  # noqa: E402
@@ -71,8 +71,9 @@ def classify(answer: dict) -> tuple[str, list[int]]:
         return "duplicates", missed
     if stated != len(points) or stated > true:
         return "other", missed
+    # The order the training answers list the objects in: their centres as format_points writes them.
     centre = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes]
-    order = sorted(range(len(boxes)), key=lambda i: (centre[i][1], centre[i][0]))
+    order = reading_order(centre, width, height)
     return ("stopped_early" if found == set(order[: len(found)]) else "skipped"), missed
 
 
