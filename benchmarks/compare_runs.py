@@ -29,9 +29,9 @@ def read_log(path: Path) -> dict[int, dict]:
 
 def windows(rows: dict[int, dict], width: int, last: int) -> list[dict]:
     """Means over steps (end - width, end] of each metric, for every full window up to `last`."""
-    out = []
+    out, steps = [], sorted(rows)
     for end in range(width, last + 1, width):
-        inside = [rows[s] for s in sorted(rows) if end - width < s <= end]
+        inside = [rows[s] for s in steps if end - width < s <= end]
         if not inside:
             continue
         cell = {"end": end}

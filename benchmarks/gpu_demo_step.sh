@@ -19,6 +19,7 @@ $PY - "$OUT" <<'PY'
 import json, os, platform, sys
 from pathlib import Path
 import torch
+from benchmarks.compare_runs import read_log
 out = {"machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
        "torch": torch.__version__, "preset": "demo-gpu", "runs": {}}
 for backend in ("triton", "torch"):
@@ -26,8 +27,8 @@ for backend in ("triton", "torch"):
     if not log.exists():
         out["runs"][backend] = "failed: no log"
         continue
-    rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()]
-    late = [r for r in rows if r["step"] > int(os.environ.get("SKIP", 100))]
+    rows = read_log(log)
+    late = [rows[s] for s in sorted(rows) if s > int(os.environ.get("SKIP", 100))]
     first, last = late[0], late[-1]
     secs = last["elapsed_s"] - first["elapsed_s"]
     out["runs"][backend] = {"steps": last["step"], "s_per_step_after_100": round(secs / max(last["step"] - first["step"], 1), 4),

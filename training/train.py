@@ -330,13 +330,13 @@ def _shard_fsdp(model: MolmoForCausalLM) -> nn.Module:
 
 def plot_losses(log_path: Path, out: Path) -> None:
     """loss.png from log.jsonl (matplotlib, Agg)."""
+    if not log_path.exists():  # stopped before its first log row
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not log_path.exists():  # stopped before its first log row
-        return
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     if not rows:
@@ -507,11 +507,9 @@ def train(cfg: TrainConfig) -> Path:
             if clock_anchor is not None:
                 by_clock = clock_schedule_position(clock_anchor, now, cfg.run.time_limit_s, cfg.run.steps)
                 ahead = int(all_reduce_sum(float(d.main) * by_clock, d))
-            else:
-                ahead = 0
-            if ahead > scheduler.last_epoch:
-                scheduler.last_epoch = min(ahead, cfg.run.steps) - 1
-                scheduler.step()
+                if ahead > scheduler.last_epoch:
+                    scheduler.last_epoch = min(ahead, cfg.run.steps) - 1
+                    scheduler.step()
         window.append((time.perf_counter() - t0, metrics))
         if bar is not None:
             bar.update(1)
