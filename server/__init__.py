@@ -6,7 +6,6 @@ Files, read in this order:
   config.py    ServerConfig: every knob of `molmo serve`, validated
   protocol.py  pydantic request/response models (OpenAI's chat schema + our `points` field)
   errors.py    APIError and the OpenAI-shaped error body
-  prompts.py   OpenAI messages -> Molmo's prompt with one `<|image|>` per image
   images.py    image_url parts -> decoded PIL images (data: URLs, optional http(s) fetch)
   points.py    model text -> points in pixels of the image they refer to
   metrics.py   Prometheus metrics of the server
@@ -16,6 +15,7 @@ Files, read in this order:
   app.py       FastAPI app: routes, auth / body-size middleware, error handlers
   cli.py       argument parsing, default model, uvicorn with graceful shutdown
 
-The server knows nothing of training; it uses `molmo_model` only for image loading,
-token counting, points and (through vLLM's plugin) the model itself.
+The server knows nothing of training; it builds prompts with `molmo_vllm.prompt` (the one
+prompt builder, shared with `molmo eval` and the tests) and uses `molmo_model` only for image
+loading, token counting and points; the model itself comes through vLLM's plugin.
 """

@@ -2,7 +2,7 @@
 
 The engine runs in this process's event loop (its EngineCore in vLLM's worker processes);
 the Molmo model and its image processor come from our vLLM plugin
-(`molmo_model.vllm_adapter`, registered through the `vllm.general_plugins` entry point).
+(`molmo_vllm`, registered through the `vllm.general_plugins` entry point).
 `build_engine` blocks for the whole start-up (tens of seconds on a CPU), so the app calls it
 in a thread and answers /health with 503 until it returns.
 """

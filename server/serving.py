@@ -21,6 +21,15 @@ from typing import Any
 from PIL import Image
 
 from molmo_model.preprocessing import image_token_count
+from molmo_vllm.prompt import (
+    Chat,
+    PromptError,
+    Tokenizer,
+    engine_prompt,
+    parse_chat,
+    point_question,
+    prompt_token_ids,
+)
 from server.config import ServerConfig
 from server.engine import ModelInfo
 from server.errors import APIError, bad_request
@@ -28,11 +37,11 @@ from server.images import ImageFetcher
 from server.metrics import ServerMetrics
 from server.outputs import engine_error, event_json, finish_reason, logprobs, sampling, usage
 from server.points import pixel_points, points_in_answer
-from server.prompts import Tokenizer, parse_messages, point_messages, prompt_ids
 from server.protocol import (
     AssistantMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     Choice,
     PointRequest,
     PointResponse,
@@ -194,16 +203,13 @@ class Serving:
                 param="messages",
                 code="context_length_exceeded",
             )
-        prompt: dict[str, Any] = {"prompt_token_ids": ids}
-        if images:
-            prompt["multi_modal_data"] = {"image": images}
-        return Prepared(prompt, prompt_len, sizes)
+        return Prepared(engine_prompt(ids, images), prompt_len, sizes)
 
     async def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
         chars = sum(len(m["content"]) for m in messages)
         if chars > 20_000:  # long texts tokenize off the event loop
-            return await asyncio.to_thread(prompt_ids, self.tokenizer, messages, n_images)
-        return prompt_ids(self.tokenizer, messages, n_images)
+            return await asyncio.to_thread(_token_ids, self.tokenizer, messages, n_images)
+        return _token_ids(self.tokenizer, messages, n_images)
 
     def max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
         room = self.max_model_len - prompt_len
@@ -228,8 +234,8 @@ class Serving:
         self.check_model(req.model)
         if req.n > self.config.max_n:
             raise bad_request(f"n must be <= {self.config.max_n} on this server", param="n")
-        chat = parse_messages(req.messages)
-        prepared = await self.prepare(chat.messages, chat.image_urls)
+        chat = chat_of(req.messages)
+        prepared = await self.prepare(chat.turns, [(r.source, r.param) for r in chat.images])
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(req.requested_max_tokens, prepared.prompt_len, param)
         params = sampling(lambda: req.to_sampling_params(max_tokens, stream=req.stream))
@@ -350,7 +356,7 @@ class Serving:
 
     async def point(self, req: PointRequest, t0: float, slot: Slot) -> PointResponse:
         self.check_model(req.model)
-        messages = point_messages(req.object)
+        messages = [{"role": "user", "content": point_question(req.object)}]
         prepared = await self.prepare(messages, [(req.image, "image")], bare_base64=True)
         requested = (
             req.max_tokens
@@ -458,3 +464,18 @@ class Serving:
 def _prompt_tokens(final: Any, prepared: Prepared) -> int:
     """The engine's count (image tokens expanded); ours if it gave none."""
     return len(final.prompt_token_ids) if final.prompt_token_ids else prepared.prompt_len
+
+
+def chat_of(messages: list[ChatMessage]) -> Chat:
+    """The request's messages split by `molmo_vllm.prompt.parse_chat` (400 naming the field)."""
+    try:
+        return parse_chat([m.model_dump(exclude_none=True) for m in messages])
+    except PromptError as e:
+        raise bad_request(str(e), param=e.param) from None
+
+
+def _token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], n_images: int) -> list[int]:
+    try:
+        return prompt_token_ids(tokenizer, turns, n_images)
+    except PromptError as e:
+        raise bad_request(str(e), param=e.param) from None

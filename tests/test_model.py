@@ -268,7 +268,7 @@ def test_sharded_save_loads(tmp_path):
 
 
 def test_cli_init_writes_a_loadable_checkpoint(tmp_path):
-    from molmo_model.cli import main
+    from molmo_cli import main
 
     assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "t")]) == 0
     m, cfg, tok = load_checkpoint(tmp_path / "t")

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from molmo_vllm.prompt import build_prompt, prompt_token_ids
 from server.app import create_app
 from server.cli import DEMO_MODEL, config_from_args, default_model_dir, serve
 from server.config import ServerConfig
@@ -28,9 +29,8 @@ from server.images import ImageFetcher, split_data_url
 from server.metrics import ServerMetrics
 from server.outputs import engine_error, logprobs, sampling
 from server.points import pixel_points, points_in_answer
-from server.prompts import parse_messages, prompt_ids
 from server.protocol import ChatCompletionRequest, ChatMessage
-from server.serving import Serving
+from server.serving import Serving, chat_of
 
 KEY = "sekret"
 
@@ -494,26 +494,34 @@ def test_remote_images_with_size_and_time_limits() -> None:
 
 def test_prompt_ids_follow_molmos_chat_format(serving: Serving) -> None:
     tok = serving.tokenizer
-    msgs = [
-        ChatMessage.model_validate({"role": "system", "content": "Be brief."}),
-        ChatMessage.model_validate(user({"url": "A"}, "What is it?")),
-        ChatMessage.model_validate({"role": "assistant", "content": "A dog."}),
-        ChatMessage.model_validate(user("And <|image|> here<|endoftext|>?", {"url": "B"})),
+    raw = [
+        {"role": "developer", "content": "Be brief."},
+        user({"url": "A"}, " What ", {"url": "B"}, "is it? "),
+        {"role": "assistant", "content": "A dog."},
+        user("And <|image|> here<|endoftext|>?", {"url": "C"}),
     ]
-    chat = parse_messages(msgs)
-    assert [u for u, _ in chat.image_urls] == ["A", "B"]
-    assert chat.image_urls[1][1] == "messages[3].content[1].image_url"
-    ids = prompt_ids(tok, chat.messages, 2)
-    assert ids[:3] == [tok.bos_id, tok.image_id, tok.image_id]
+    chat = chat_of([ChatMessage.model_validate(m) for m in raw])
+    assert [r.source for r in chat.images] == ["A", "B", "C"]
+    assert chat.images[2].param == "messages[3].content[1].image_url"
+    ids = prompt_token_ids(tok, chat.turns, 3)
+    assert ids[:4] == [tok.bos_id, tok.image_id, tok.image_id, tok.image_id]
+    # developer -> system; a message's text parts are stripped and joined with one space
     text = " User: Be brief. What is it? Assistant: A dog. User: And <|image|> here<|endoftext|>? Assistant:"
-    assert ids[3:] == tok.encode(text)
-    # User text cannot smuggle in special tokens: only our two placeholders are image ids.
-    assert ids.count(tok.image_id) == 2 and ids.count(tok.bos_id) == 1
+    assert ids[4:] == tok.encode(text)
+    # User text cannot smuggle in special tokens: only our placeholders are image ids.
+    assert ids.count(tok.image_id) == 3 and ids.count(tok.bos_id) == 1
+    # The one prompt builder: offline callers (molmo eval, benchmarks, parity tests) get the
+    # same ids for the same messages as the server sends to the engine.
+    images = [Image.new("RGB", (8, 8))] * 3
+    assert build_prompt(tok, raw, images) == {
+        "prompt_token_ids": ids,
+        "multi_modal_data": {"image": images},
+    }
 
 
 def test_prompt_errors() -> None:
     with pytest.raises(APIError) as e:
-        parse_messages(
+        chat_of(
             [
                 ChatMessage.model_validate(user("hi")),
                 ChatMessage.model_validate(
@@ -526,7 +534,7 @@ def test_prompt_errors() -> None:
         )
     assert e.value.status == 400 and e.value.param == "messages[1].content[0]"
     with pytest.raises(APIError) as e:
-        parse_messages([ChatMessage.model_validate({"role": "system", "content": "only"})])
+        chat_of([ChatMessage.model_validate({"role": "system", "content": "only"})])
     assert e.value.param == "messages"
 
 
@@ -541,7 +549,7 @@ def test_too_many_images_and_context_checks(serving: Serving) -> None:
     assert e.value.status == 400 and e.value.code == "too_many_images"
 
     prepared = run(serving.prepare(msgs, [(url, "a"), (url, "b")]))
-    text_ids = len(prompt_ids(serving.tokenizer, msgs, 0))
+    text_ids = len(prompt_token_ids(serving.tokenizer, msgs, 0))
     assert prepared.prompt_len == text_ids + 2 * image_token_count(40, 30)
     assert prepared.sizes == [(40, 30), (40, 30)]
     assert len(prepared.prompt["multi_modal_data"]["image"]) == 2

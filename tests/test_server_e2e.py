@@ -350,7 +350,7 @@ def test_streaming_matches_non_streaming(client, server: Server) -> None:
 
 def test_point_endpoint(server: Server, tokenizer) -> None:
     from server.points import pixel_points
-    from server.prompts import point_messages
+    from molmo_vllm.prompt import point_question
 
     h = {"Authorization": f"Bearer {KEY}"}
     raw = image_bytes(120, 60, "JPEG", exif_rotate=True)  # seen as 60 x 120
@@ -366,7 +366,7 @@ def test_point_endpoint(server: Server, tokenizer) -> None:
         assert body["count"] == len(body["points"])
         assert body["points"] == [p.model_dump() for p in pixel_points(body["text"], (60, 120))]
         assert body["usage"]["prompt_tokens"] == expected_prompt_tokens(
-            tokenizer, point_messages("red squares"), [(60, 120)]
+            tokenizer, [{"role": "user", "content": point_question("red squares")}], [(60, 120)]
         )
         assert body["usage"]["completion_tokens"] <= 8
 

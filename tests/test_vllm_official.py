@@ -26,7 +26,7 @@ from molmo_model.generate import generate
 from molmo_model.model import MolmoForCausalLM
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import build_tokenizer
-from molmo_model.vllm_adapter import build_vllm_prompt
+from molmo_vllm.prompt import build_prompt
 
 pytestmark = pytest.mark.vllm
 
@@ -99,7 +99,7 @@ def test_answers_text_only(setup):
     from vllm import SamplingParams
 
     llm, reference, tok, pre = setup
-    prompt = build_vllm_prompt(tok, "What is the capital of France?")
+    prompt = build_prompt(tok, "What is the capital of France?")
     ref = generate(
         reference, prompt["prompt_token_ids"], max_new_tokens=NEW_TOKENS, return_logprobs=True
     )

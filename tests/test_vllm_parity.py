@@ -1,9 +1,9 @@
-"""Our Molmo served through vLLM (the plugin in molmo_model/vllm_adapter.py) against the
+"""Our Molmo served through vLLM (the plugin in molmo_vllm/) against the
 PyTorch reference generator (molmo_model/generate.py), on a tiny random-weight checkpoint.
 
 One engine for the whole module (eager, float32). Proves:
 - the expanded prompt ids equal `MolmoPreprocessor.build_prompt`'s, for prompts built with
-  `build_vllm_prompt` (`<|image|>` placeholders) and for plain text prompts (images after BOS);
+  `molmo_vllm.prompt.build_prompt` (`<|image|>` placeholders) and for plain text prompts (images after BOS);
 - greedy tokens equal the reference's and first-token logprobs agree within LOGPROB_ATOL, for
   no image, 336x336, 640x480, 480x640, 2000x150, two images and a multi-turn chat;
 - the images matter (a different image changes the logits), so the parity is not vacuous;
@@ -26,7 +26,7 @@ from vllm_helpers import (
 
 from molmo_model.generate import generate
 from molmo_model.preprocessing import MolmoPreprocessor
-from molmo_model.vllm_adapter import build_vllm_prompt, flatten_messages
+from molmo_vllm.prompt import build_prompt, parse_chat
 
 pytestmark = pytest.mark.vllm
 
@@ -51,7 +51,7 @@ def _params(max_tokens: int = NEW_TOKENS, logprobs: int | None = 5):
 
 
 def _reference(model, pre, messages, images, max_new_tokens: int = NEW_TOKENS):
-    ids, inputs = pre.build_prompt(flatten_messages(messages), images)
+    ids, inputs = pre.build_prompt(parse_chat(messages).turns, images)
     out = generate(model, ids, inputs, max_new_tokens=max_new_tokens, return_logprobs=True)
     return ids, out
 
@@ -84,7 +84,7 @@ def test_greedy_and_logprobs_match_reference(setup, case):
     images = [blocks_image(w, h, seed) for w, h, seed in specs]
     ref_ids, ref = _reference(model, pre, messages, images)
 
-    out = llm.generate(build_vllm_prompt(tok, messages, images), _params(), use_tqdm=False)[0]
+    out = llm.generate(build_prompt(tok, messages, images), _params(), use_tqdm=False)[0]
 
     assert list(out.prompt_token_ids) == ref_ids  # placeholders expanded exactly as Molmo's layout
     got = list(out.outputs[0].token_ids)
@@ -115,7 +115,7 @@ def test_images_change_the_output(setup):
     llm, model, tok, pre = setup
     a, b = blocks_image(640, 480, seed=21), blocks_image(640, 480, seed=22)
     outs = llm.generate(
-        [build_vllm_prompt(tok, "Describe this image.", [im]) for im in (a, b)],
+        [build_prompt(tok, "Describe this image.", [im]) for im in (a, b)],
         _params(max_tokens=1, logprobs=20),
         use_tqdm=False,
     )
@@ -145,7 +145,7 @@ def test_sixteen_concurrent_requests_match_one_at_a_time(setup):
         "What color is it?",
     ]
     prompts = [
-        build_vllm_prompt(tok, questions[i % 4], [blocks_image(*sizes[i % 8], seed=100 + i)])
+        build_prompt(tok, questions[i % 4], [blocks_image(*sizes[i % 8], seed=100 + i)])
         for i in range(16)
     ]
     params = _params(max_tokens=8, logprobs=None)
@@ -158,7 +158,7 @@ def test_sixteen_concurrent_requests_match_one_at_a_time(setup):
 def test_wrong_placeholder_count_is_refused(setup):
     llm, model, tok, pre = setup
     images = [noise_image(336, 336, 1), noise_image(336, 336, 2)]
-    prompt = build_vllm_prompt(tok, "Compare.", images)
+    prompt = build_prompt(tok, "Compare.", images)
     # Keep one <|image|> for two images.
     ids = prompt["prompt_token_ids"]
     ids.remove(tok.image_id)

@@ -1,4 +1,4 @@
-"""The vLLM prompt helper and the plugin's config shim (no engine started).
+"""The one prompt builder (molmo_vllm.prompt) and the plugin's config shim (no engine started).
 
 Run: pytest tests/test_vllm_prompt.py -q
 """
@@ -13,13 +13,9 @@ from PIL import Image
 from molmo_model.config import MolmoConfig, tiny
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import build_tokenizer
-from molmo_model.vllm_adapter import (
-    MolmoHFConfig,
-    build_vllm_prompt,
-    count_images,
-    flatten_messages,
-    register,
-)
+from molmo_vllm import register
+from molmo_vllm.config import MolmoHFConfig
+from molmo_vllm.prompt import PromptError, build_prompt, parse_chat
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +52,12 @@ def test_prompt_expands_to_build_prompt_ids(tok):
         {"role": "assistant", "content": "Two squares."},
         {"role": "user", "content": "Which is bigger?"},
     ]
-    prompt = build_vllm_prompt(tok, messages, images)
-    assert count_images(messages) == 2
+    prompt = build_prompt(tok, messages, images)
+    assert len(parse_chat(messages).images) == 2
     assert prompt["multi_modal_data"] == {"image": images}
     ids = prompt["prompt_token_ids"]
     assert ids[:3] == [tok.bos_id, tok.image_id, tok.image_id]
-    ref_ids, inputs = pre.build_prompt(flatten_messages(messages), images)
+    ref_ids, inputs = pre.build_prompt(parse_chat(messages).turns, images)
     assert _expand(ids, tok, [x.tokens for x in inputs]) == ref_ids
     assert (
         tok.decode(ids[3:])
@@ -70,12 +66,12 @@ def test_prompt_expands_to_build_prompt_ids(tok):
 
 
 def test_text_only_prompt_has_bos_and_no_mm_data(tok):
-    prompt = build_vllm_prompt(tok, "Hi")
+    prompt = build_prompt(tok, "Hi")
     assert prompt == {"prompt_token_ids": [tok.bos_id, *tok.encode(" User: Hi Assistant:")]}
 
 
 def test_user_text_cannot_smuggle_image_tokens(tok):
-    ids = build_vllm_prompt(tok, "look: <|image|> <im_patch>")["prompt_token_ids"]
+    ids = build_prompt(tok, "look: <|image|> <im_patch>")["prompt_token_ids"]
     assert tok.image_id not in ids and tok.im_patch_id not in ids
 
 
@@ -93,8 +89,21 @@ def test_user_text_cannot_smuggle_image_tokens(tok):
     ],
 )
 def test_bad_messages_name_the_field(tok, messages, field):
-    with pytest.raises(ValueError, match=field):
-        build_vllm_prompt(tok, messages)
+    with pytest.raises(PromptError, match=field) as e:
+        build_prompt(tok, messages)
+    assert e.value.param.startswith(field.replace("\\", "").split(".")[0])
+
+
+def test_image_parts_and_images_must_agree(tok):
+    im = Image.new("RGB", (336, 336))
+    two = [{"role": "user", "content": [{"type": "image_url"}, {"type": "image_url"}]}]
+    with pytest.raises(PromptError, match="2 image part"):
+        build_prompt(tok, two, [im])
+    # a question string (or messages without image parts) takes the images as given
+    assert build_prompt(tok, "What is it?", [im])["prompt_token_ids"][:2] == [
+        tok.bos_id,
+        tok.image_id,
+    ]
 
 
 def test_hf_config_shim_reads_our_config_json(tmp_path):

@@ -1,4 +1,4 @@
-"""Weight loading of the vLLM model (molmo_model/vllm_model.py) from Ai2-named checkpoints.
+"""Weight loading of the vLLM model (molmo_vllm/model.py) from Ai2-named checkpoints.
 
 The vLLM model is built in this process (no engine: vLLM's config, a one-rank gloo group),
 then fed the tensors of a tiny checkpoint: every parameter is loaded, the fused tensors land
@@ -40,7 +40,7 @@ def built(tmp_path_factory):
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{get_open_port()}", 0, backend="gloo")
         initialize_model_parallel(1, 1)
         try:
-            from molmo_model.vllm_model import MolmoForCausalLM
+            from molmo_vllm.model import MolmoForCausalLM
 
             yield MolmoForCausalLM(vllm_config=config), dict(iter_weights(path))
         finally:

@@ -1,4 +1,4 @@
-"""`molmo train` and `molmo eval` (dispatched from molmo_model/cli.py).
+"""`molmo train` and `molmo eval` (dispatched from molmo_cli).
 
     molmo train --preset demo-gpu                      # the demo model, 450 s on one GPU
     molmo train --preset demo                          # the CPU demo model, ~45 min on 2 cores

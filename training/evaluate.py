@@ -5,7 +5,8 @@ by default): "point" questions are scored for pointing, "count" questions for co
 "clock" questions for reading the time. A model answers them through an engine:
 
 - `vllm` (what users get): `vllm.LLM(model=DIR, enforce_eager=True)` with our plugin
-  (molmo_model/vllm_adapter.py), greedy decoding;
+  (molmo_vllm), prompts from `molmo_vllm.prompt.build_prompt` as the server builds them,
+  greedy decoding;
 - `reference`: molmo_model.generate on the PyTorch model, greedy, one query at a time.
 
 Metrics (paper, pointing evaluation):
@@ -239,8 +240,12 @@ class VllmEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM, SamplingParams
 
-        import molmo_model.vllm_adapter  # noqa: F401  (fails early when the plugin is broken)
+        from molmo_model.tokenizer import MolmoTokenizer
+        from molmo_vllm import register
 
+        register()  # fails early when the plugin is broken
+
+        self.tokenizer = MolmoTokenizer.from_dir(model_dir)
         self.llm = LLM(
             model=str(model_dir),
             enforce_eager=True,
@@ -252,11 +257,9 @@ class VllmEngine:
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
     def answer(self, queries: Sequence[Query]) -> list[str]:
-        from molmo_model.preprocessing import prompt_text
+        from molmo_vllm.prompt import build_prompt
 
-        prompts = [
-            {"prompt": prompt_text(q.messages), "multi_modal_data": {"image": q.image}} for q in queries
-        ]
+        prompts = [build_prompt(self.tokenizer, q.messages, [q.image]) for q in queries]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 

@@ -21,7 +21,7 @@ Text-only requests do not pass through here: their prompt is used as tokenized.
 
 Fields handed to the model per image (crops of several images are concatenated):
   images [c_i, 576, 588], image_masks [c_i, 576], patch_order [num_patches_i],
-  num_crops, num_patches, image_size (width, height after EXIF) - see vllm_model.py.
+  num_crops, num_patches, image_size (width, height after EXIF) - see molmo_vllm/model.py.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from vllm.multimodal.processing import (
 
 from molmo_model.config import MolmoConfig
 from molmo_model.preprocessing import ImageError, MolmoPreprocessor
+from molmo_vllm.config import molmo_config_of
 
 # Token strings of Molmo's vocabulary (ids are looked up in the checkpoint's tokenizer).
 BOS_TOKEN = "<|endoftext|>"
@@ -59,17 +60,6 @@ IM_END_TOKEN = "<im_end>"
 IM_PATCH_TOKEN = "<im_patch>"
 IM_COL_TOKEN = "<im_col>"
 IMAGE_PLACEHOLDER = "<|image|>"
-
-
-def molmo_config_of(hf_config: Any) -> MolmoConfig:
-    """Our `MolmoConfig` from the transformers config vLLM loaded (official Molmo configs
-    carry no vision fields: those default to Molmo-7B-D's tower)."""
-    d = hf_config.to_dict()
-    rope = d.get("rope_parameters")
-    # transformers may move rope_theta into rope_parameters when it standardizes RoPE.
-    if d.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
-        d["rope_theta"] = rope["rope_theta"]
-    return MolmoConfig.from_hf_dict(d)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ is checked against the shapes of the PyTorch reference model built from the same
 and any missing, unexpected or mis-shaped tensor raises an error naming it.
 
 As in Ai2's code (and our reference model), image features are ADDED to the embeddings of
-the `<im_patch>` tokens; they do not replace them. Processor side: molmo_model/vllm_processor.py.
-Registered with vLLM by molmo_model/vllm_adapter.py (`register()`); no pipeline parallelism.
+the `<im_patch>` tokens; they do not replace them. Processor side: molmo_vllm/processor.py.
+Registered with vLLM by `molmo_vllm.register()`; no pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ from vllm.sequence import IntermediateTensors
 
 from molmo_model.config import LLMConfig, MolmoConfig
 from molmo_model.vision import MolmoVisionBackbone, add_image_features
-from molmo_model.vllm_processor import (
+from molmo_vllm.config import molmo_config_of
+from molmo_vllm.processor import (
     MolmoDummyInputsBuilder,
     MolmoMultiModalProcessor,
     MolmoProcessingInfo,
-    molmo_config_of,
 )
 
 
@@ -82,6 +82,18 @@ class MolmoImageKwargs(TypedDict):
     patch_order: torch.Tensor
     num_crops: torch.Tensor
     num_patches: torch.Tensor
+
+
+def _image_inputs(kwargs: dict[str, object]) -> MolmoImageKwargs | None:
+    """The processor's fields out of vLLM's keyword arguments (None for a text-only batch)."""
+    if kwargs.get("images") is None:
+        return None
+    inputs = {name: kwargs[name] for name in MolmoImageKwargs.__annotations__}
+    inputs["num_crops"] = torch.as_tensor(inputs["num_crops"])
+    inputs["num_patches"] = torch.as_tensor(inputs["num_patches"])
+    for name, value in inputs.items():
+        assert isinstance(value, torch.Tensor), f"{name} is {type(value).__name__}"
+    return MolmoImageKwargs(**inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,18 +314,15 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal):
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """One tensor per image: [num_patches_i, d], the features of its `<im_patch>` tokens
         in token order."""
-        images = kwargs.get("images")
-        if images is None:
+        inputs = _image_inputs(kwargs)
+        if inputs is None:
             return []
-        masks = kwargs["image_masks"]
-        order = kwargs["patch_order"]
-        num_crops = [int(n) for n in torch.as_tensor(kwargs["num_crops"]).reshape(-1)]
-        num_patches = [int(n) for n in torch.as_tensor(kwargs["num_patches"]).reshape(-1)]
-        assert isinstance(images, torch.Tensor) and isinstance(masks, torch.Tensor)
-        assert isinstance(order, torch.Tensor)
-        feats = self.vision_backbone(images, masks)  # [C, 144, d]
+        num_crops = [int(n) for n in inputs["num_crops"].reshape(-1)]
+        num_patches = [int(n) for n in inputs["num_patches"].reshape(-1)]
+        feats = self.vision_backbone(inputs["images"], inputs["image_masks"])  # [C, 144, d]
         out = []
-        for f, o in zip(feats.split(num_crops), order.split(num_patches), strict=True):
+        orders = inputs["patch_order"].split(num_patches)
+        for f, o in zip(feats.split(num_crops), orders, strict=True):
             out.append(f.flatten(0, 1)[o.to(f.device)])  # [c_i * 144, d] -> [num_patches_i, d]
         return out
 

@@ -1,18 +1,19 @@
-"""The `molmo` command line.
+"""The `molmo` command line: one umbrella above the packages it dispatches to.
 
-    molmo init --preset tiny --out DIR      write a random-weight checkpoint
+    molmo init --preset tiny --out DIR      write a random-weight checkpoint (molmo_model)
     molmo serve [--model DIR] ...           OpenAI-compatible server (server/)
     molmo train ...                         train with the paper's recipe (training/)
     molmo eval --model DIR ...              pointing / counting / clock accuracy (training/)
 
-Subcommands of other packages are imported lazily, so `molmo init` needs no vLLM.
+Also `python -m molmo_cli ...` (for torchrun: `torchrun --nproc-per-node 2 -m molmo_cli train
+...`). Each subcommand imports its package when it runs, so `molmo init` needs no vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
 
 
 def _init(argv: list[str]) -> int:
@@ -31,12 +32,30 @@ def _init(argv: list[str]) -> int:
     return 0
 
 
-# name -> (module, function taking argv); the function returns an exit code.
-COMMANDS = {
-    "init": ("molmo_model.cli", "_init"),
-    "serve": ("server.cli", "serve"),
-    "train": ("training.cli", "train"),
-    "eval": ("training.cli", "evaluate"),
+def _serve(argv: list[str]) -> int:
+    from server.cli import serve
+
+    return serve(argv)
+
+
+def _train(argv: list[str]) -> int:
+    from training.cli import train
+
+    return train(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from training.cli import evaluate
+
+    return evaluate(argv)
+
+
+# name -> function taking argv and returning an exit code
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "init": _init,
+    "serve": _serve,
+    "train": _train,
+    "eval": _eval,
 }
 
 
@@ -45,9 +64,4 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module, fn = COMMANDS[argv[0]]
-    return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return int(COMMANDS[argv[0]](argv[1:]) or 0)

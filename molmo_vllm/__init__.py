@@ -1,0 +1,63 @@
+"""Molmo served through vLLM: the plugin, its config shim, multimodal processor and model.
+
+    molmo_vllm/__init__.py   register(): the `vllm.general_plugins` entry point
+    molmo_vllm/config.py     config.json <-> transformers config (no remote code)
+    molmo_vllm/processor.py  images -> crops and the prompt's image tokens, for vLLM
+    molmo_vllm/model.py      the vLLM model: molmo_model's vision backbone + a paged decoder
+    molmo_vllm/prompt.py     OpenAI-style messages and images -> the engine prompt (the one
+                             prompt builder: the server, `molmo eval`, benchmarks and tests)
+
+Plugin mechanics: pyproject.toml declares the entry point `vllm.general_plugins: molmo =
+molmo_vllm:register`. vLLM calls `register()` in every process it starts (the front end when
+it builds its engine config, the engine core and each worker), so it is idempotent and cheap.
+It registers `MolmoHFConfig` with transformers' `AutoConfig` for model_type "molmo" and in
+vLLM's own config registry, so config.json loads with no remote code (an official Ai2 config
+with an `auto_map` naming remote files loads too: the local class wins), and it registers
+`molmo_vllm.model:MolmoForCausalLM` for the architecture "MolmoForCausalLM", replacing vLLM's
+built-in Molmo (which needs Ai2's remote processor).
+
+Prompt contract (requests with images; see processor.py): the prompt may hold one `<|image|>`
+token per image, the i-th replaced by the i-th image's tokens; a prompt with none gets all
+images' tokens right after BOS (prepended when missing), which is Molmo's layout. So this
+works:
+
+    llm = vllm.LLM(model=DIR, enforce_eager=True)
+    llm.generate({"prompt": " User: Describe this image. Assistant:",
+                  "multi_modal_data": {"image": pil_image}})
+
+Text-only prompts are used exactly as tokenized (our tokenizer adds no BOS): build prompts
+with `molmo_vllm.prompt.build_prompt`, which adds it.
+
+Importing this package imports neither vLLM nor torch; `register()` does.
+"""
+
+from __future__ import annotations
+
+MODEL_CLASS = "molmo_vllm.model:MolmoForCausalLM"
+
+_registered = False
+
+
+def register() -> None:
+    """vLLM plugin entry point (see the module docstring). Safe to call repeatedly."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig
+
+    from molmo_vllm.config import ARCHITECTURE, MolmoHFConfig
+
+    AutoConfig.register("molmo", MolmoHFConfig, exist_ok=True)
+    try:
+        from vllm.transformers_utils import config as vllm_config_utils
+
+        # vLLM consults its registry before AutoConfig and then drops trust_remote_code,
+        # so an official config.json whose auto_map names remote files still loads locally.
+        vllm_config_utils._CONFIG_REGISTRY["molmo"] = MolmoHFConfig
+    except (ImportError, AttributeError):  # pragma: no cover - other vLLM versions
+        pass
+
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    _registered = True
