@@ -15,8 +15,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first (cached layer), then the source.
 COPY pyproject.toml README.md ./
-RUN mkdir -p molmo_model kernels server training clients \
- && touch molmo_model/__init__.py kernels/__init__.py server/__init__.py training/__init__.py clients/__init__.py \
+RUN for p in molmo_model molmo_vllm molmo_cli kernels server training clients; do mkdir -p $p && touch $p/__init__.py; done \
  && pip install --upgrade pip && pip install ".[cuda]" && pip uninstall -y molmo-serve
 COPY . .
 RUN pip install --no-deps -e .
