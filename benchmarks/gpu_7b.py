@@ -15,7 +15,7 @@
     python benchmarks/gpu_7b.py                                # GPU (about 4-6 minutes)
     python benchmarks/gpu_7b.py --preset tiny --device cpu     # dry run of the code path
 
-Prints JSON and writes gpu_7b_<device>.json to $OUT when set, else to benchmarks/results.
+Prints JSON and writes gpu_7b_<device>.json/.csv to $OUT when set, else to benchmarks/results.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from PIL import Image
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 
+from benchmarks.report import RESULTS, describe_machine, write_results  # noqa: E402
 from molmo_model.config import MolmoConfig, get_preset  # noqa: E402
 from molmo_model.tokenizer import build_tokenizer  # noqa: E402
 
@@ -185,10 +186,10 @@ def measure(llm, tok, decode_tokens: int, reps: int) -> dict[str, object]:
     from vllm import SamplingParams
 
     from molmo_model.preprocessing import MolmoPreprocessor, image_grid
-    from molmo_model.vllm_adapter import build_vllm_prompt
+    from molmo_vllm.prompt import build_prompt
 
     res: dict[str, object] = {}
-    text = build_vllm_prompt(tok, "Write a long story about a lighthouse keeper.")
+    text = build_prompt(tok, "Write a long story about a lighthouse keeper.")
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
     many = SamplingParams(
         temperature=0.0, max_tokens=decode_tokens + 1, ignore_eos=True, detokenize=False
@@ -202,10 +203,10 @@ def measure(llm, tok, decode_tokens: int, reps: int) -> dict[str, object]:
 
     w, h = 1000, 750
     assert image_grid(w, h) == (3, 4)
-    timed(llm, build_vllm_prompt(tok, QUESTION, [noise_image(w, h, 0)]), one)  # warm-up
+    timed(llm, build_prompt(tok, QUESTION, [noise_image(w, h, 0)]), one)  # warm-up
     image_s, text_s, n_prompt = [], [], 0
     for r in range(reps):
-        dt, out = timed(llm, build_vllm_prompt(tok, QUESTION, [noise_image(w, h, 100 + r)]), one)
+        dt, out = timed(llm, build_prompt(tok, QUESTION, [noise_image(w, h, 100 + r)]), one)
         image_s.append(dt)
         n_prompt = len(out.prompt_token_ids)
         same_len = {
@@ -231,6 +232,17 @@ def measure(llm, tok, decode_tokens: int, reps: int) -> dict[str, object]:
     return res
 
 
+def baseline_rows(res: dict[str, object]) -> list[dict[str, object]]:
+    """Each measure beside its named baseline, as far as the run got."""
+    pairs = [
+        ("decode tok/s, batch 1", "decode_tok_s", "bandwidth_bound_tok_s", "copy bandwidth / decoder bytes"),
+        ("TTFT ms, 12-crop image", "ttft_image_ms_median", "ttft_text_same_length_ms_median",
+         "text prompt of the same length"),
+    ]  # fmt: skip
+    return [{"measure": m, "ours": res[ours], "baseline": res[base], "baseline_name": b}
+            for m, ours, base, b in pairs if ours in res and base in res]  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="molmo-7b-d", help="molmo-7b-d, or tiny for a dry run")
@@ -239,9 +251,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
     ap.add_argument("--workdir", help="where the checkpoint goes (default: a temporary folder)")
-    ap.add_argument(
-        "--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results")
-    )
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS))
     a = ap.parse_args()
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process touched CUDA
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4" if a.preset != "tiny" else "1")
@@ -253,9 +263,8 @@ def main() -> int:
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
     out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     slug = "cpu_dry_run" if not cuda else name.replace(" ", "_").replace("/", "_")
-    out_file = out_dir / f"gpu_7b_{slug}.json"
+    machine = describe_machine()
     res: dict[str, object] = {
         "device": name,
         "preset": a.preset,
@@ -264,8 +273,8 @@ def main() -> int:
         "dtype_on_disk": "bfloat16",
     }
 
-    def save() -> None:
-        out_file.write_text(json.dumps(res, indent=2) + "\n")
+    def save() -> None:  # after every stage: a crash keeps what was measured
+        write_results(f"gpu_7b_{slug}", baseline_rows(res), meta=res, out_dir=out_dir, machine=machine)
 
     cfg = get_preset(a.preset)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="molmo-gpu7b-"))

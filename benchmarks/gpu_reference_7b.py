@@ -9,7 +9,7 @@ Builds the real `molmo-7b-d` model with random bf16 weights directly on the GPU,
 
     python benchmarks/gpu_reference_7b.py [--out DIR] [--decode-tokens 128]
 
-Writes gpu_reference_7b_<gpu>.json to --out (default benchmarks/results). Needs CUDA.
+Writes gpu_reference_7b_<gpu>.json/.csv to --out (default benchmarks/results). Needs CUDA.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
+from benchmarks.report import RESULTS, write_results  # noqa: E402
 from molmo_model.config import get_preset  # noqa: E402
 from molmo_model.model import KVCache, MolmoForCausalLM  # noqa: E402
 from molmo_model.preprocessing import MolmoPreprocessor, image_grid  # noqa: E402
@@ -70,7 +71,7 @@ def _bandwidth_gbs() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--preset", default="molmo-7b-d", help="tiny: a CPU dry run of this script")
     ap.add_argument("--device", default="cuda")
@@ -169,10 +170,13 @@ def main() -> int:
     res["decode_floor_tok_s"] = round(bw * 1e9 / weight_bytes, 1)  # baseline: bandwidth bound
     res["decode_vs_floor"] = round(res["decode_tok_s"] / res["decode_floor_tok_s"], 3)
     print(json.dumps(res, indent=2))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = name.replace(" ", "_").replace("/", "_")
-    (out / f"gpu_reference_7b_{slug}.json").write_text(json.dumps(res, indent=2) + "\n")
+    rows = [
+        {"measure": "decode tok/s, batch 1", "ours": res["decode_tok_s"], "baseline": res["decode_floor_tok_s"],
+         "baseline_name": "copy bandwidth / weight bytes"},
+        {"measure": "attention pool us", "ours": res["pool_triton_us"], "baseline": res["pool_ref_us"],
+         "baseline_name": "PyTorch reference"},
+    ]  # fmt: skip
+    write_results(f"gpu_reference_7b_{name.replace(' ', '_').replace('/', '_')}", rows, meta=res, out_dir=a.out)
     return 0
 
 

@@ -17,15 +17,13 @@ and the benchmark shapes; outputs and every gradient) and prints PASS/FAIL per c
 passes if that is under the dtype's tolerance or within twice the error of the reference run in
 the case's own dtype. The exit status is 1 if any case failed.
 
-Results go to benchmarks/results/kernels_<gpu-name>.json and .csv (or --out-dir) with the device
-name, versions and the check results. On a machine without CUDA the script says so and exits 0.
+Results go to benchmarks/results/kernels_<gpu-name>.json and .csv (or --out-dir) with the machine
+(GPU name, versions) and the check results. On a machine without CUDA the script says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import re
 import sys
 import time
@@ -40,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 # file instead of the package. Also makes the script run from a checkout without installing.
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import RESULTS, write_results  # noqa: E402
 from kernels.annotation_attention import (  # noqa: E402
     annotation_attention,
     annotation_attention_reference,
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare with the references first; exit 1 on any FAIL")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16, fp32")
-    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -252,22 +251,12 @@ def main(argv: list[str] | None = None) -> int:
               f"({sum(c['passed'] for c in checks)}/{len(checks)} cases)", flush=True)
     rows = run_benchmarks(dtypes)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}"
     meta = dict(device=device, capability=".".join(map(str, torch.cuda.get_device_capability())),
-                torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), baseline="torch",
-                seconds=round(time.perf_counter() - start, 1))
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta, checks=checks, results=rows),
-                                                    indent=2) + "\n")
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        fields = ["device", "op", "shape", "dtype", "mode", "provider", "ms", "speedup_vs_torch",
-                  "GB_per_s", "TFLOP_per_s"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(dict(row, device=device) for row in rows)
-    print(f"wrote {stem}.json and .csv in {meta['seconds']} s"
-          + (f"; check {'PASS' if passed else 'FAIL'}" if args.check else ""))
+                triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), baseline="torch",
+                seconds=round(time.perf_counter() - start, 1), checks=checks)
+    write_results(f"kernels_{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}", rows, meta=meta,
+                  out_dir=args.out_dir)
+    print(f"{meta['seconds']} s" + (f"; check {'PASS' if passed else 'FAIL'}" if args.check else ""))
     return 0 if passed else 1
 
 

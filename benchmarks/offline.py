@@ -20,7 +20,6 @@ a temporary folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -37,9 +36,8 @@ from PIL import Image
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.report import RESULTS, describe_machine, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8, 32)
 QUESTION = "Describe this image in detail."
 
@@ -52,9 +50,9 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 
 def text_prompt_like(tok, n_tokens: int, seed: int) -> dict:
     """A text-only prompt of exactly n_tokens ids: BOS + filler words + the question."""
-    from molmo_model.vllm_adapter import build_vllm_prompt
+    from molmo_vllm.prompt import build_prompt
 
-    tail = build_vllm_prompt(tok, QUESTION)["prompt_token_ids"][1:]
+    tail = build_prompt(tok, QUESTION)["prompt_token_ids"][1:]
     rng = np.random.default_rng(seed)
     words = tok.encode(" the image shows a small red circle next to a large blue square")
     filler = [int(w) for w in rng.choice(words, size=max(0, n_tokens - 1 - len(tail)))]
@@ -81,7 +79,7 @@ def main() -> int:
     from molmo_model.checkpoint import init_checkpoint
     from molmo_model.preprocessing import image_grid, image_token_count
     from molmo_model.tokenizer import MolmoTokenizer
-    from molmo_model.vllm_adapter import build_vllm_prompt
+    from molmo_vllm.prompt import build_prompt
 
     info = describe_machine(with_vllm=True)
     tmp = None
@@ -109,13 +107,13 @@ def main() -> int:
     w, h = 640, 480
     seed = 1000
     # Warm-up: first calls pay lazy initialisation.
-    llm.generate(build_vllm_prompt(tok, QUESTION, [noise_image(w, h, 0)]), params, use_tqdm=False)
+    llm.generate(build_prompt(tok, QUESTION, [noise_image(w, h, 0)]), params, use_tqdm=False)
 
     rows: list[dict[str, object]] = []
     for batch in BATCHES:
         images = [noise_image(w, h, seed + i) for i in range(batch)]
         seed += batch
-        prompts = [build_vllm_prompt(tok, QUESTION, [im]) for im in images]
+        prompts = [build_prompt(tok, QUESTION, [im]) for im in images]
         dt, outs = timed_generate(llm, prompts, params)
         n_prompt = len(outs[0].prompt_token_ids)
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -149,7 +147,7 @@ def main() -> int:
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     image_times, text_times = [], []
     for r in range(a.prefill_reps):
-        prompt = build_vllm_prompt(tok, QUESTION, [noise_image(pw, ph, 5000 + r)])
+        prompt = build_prompt(tok, QUESTION, [noise_image(pw, ph, 5000 + r)])
         dt, outs = timed_generate(llm, prompt, one)
         image_times.append(dt)
         n_prompt = len(outs[0].prompt_token_ids)
@@ -177,21 +175,9 @@ def main() -> int:
         )
     print(json.dumps(prefill, indent=2))
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "machine": info,
-        "model": "tiny (random weights)" if a.model is None else a.model,
-        "max_tokens": a.max_tokens,
-        "rows": rows,
-        "prefill_12_crop": prefill,
-    }
-    (out / f"offline_{device}.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(out / f"offline_{device}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["machine"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "machine": f"{info['cpu']} x{info['cpu_count']}"})
+    meta = {"baseline": "text (baseline)", "model": "tiny (random weights)" if a.model is None else a.model,
+            "max_tokens": a.max_tokens, "prefill_12_crop": prefill}  # fmt: skip
+    write_results(f"offline_{device}", rows, meta=meta, out_dir=a.out, machine=info)
     if tmp is not None:
         tmp.cleanup()
     return 0

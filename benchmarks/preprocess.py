@@ -20,9 +20,7 @@ Prints a table and writes benchmarks/results/preprocess.json and .csv with the m
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,13 +31,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.report import describe_machine, write_results  # noqa: E402
 from molmo_model.config import PreprocessConfig  # noqa: E402
 from molmo_model.preprocessing import MolmoPreprocessor, load_image  # noqa: E402
 from molmo_model.tokenizer import build_tokenizer  # noqa: E402
 
 SIZES = [(336, 336), (1280, 720), (4000, 3000)]
-RESULTS = Path(__file__).parent / "results"
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0) -> bytes:
@@ -201,15 +198,7 @@ def main() -> None:
     info = describe_machine(with_vllm=False)
     print(f"\nmachine: {info}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"benchmark": "preprocess", "machine": info, "baseline": "naive PIL (baseline)",
-           "results": rows}  # fmt: skip
-    (RESULTS / "preprocess.json").write_text(json.dumps(out, indent=2) + "\n")
-    with open(RESULTS / "preprocess.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {RESULTS / 'preprocess.json'} and {RESULTS / 'preprocess.csv'}")
+    write_results("preprocess", rows, meta={"baseline": "naive PIL (baseline)"}, machine=info)
 
 
 if __name__ == "__main__":

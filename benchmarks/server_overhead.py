@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import csv
 import io
 import json
 import os
@@ -48,13 +47,12 @@ import httpx
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 # Run as a script, this folder comes first on sys.path and benchmarks/kernels.py would
 # shadow the `kernels` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.report import describe_machine, write_results  # noqa: E402
 
 # vLLM's chat template for Molmo: BOS, every image placeholder first, then the turns.
 # ("openai" content format: image parts reach the template as {"type": "image"}.)
@@ -353,41 +351,14 @@ def main() -> int:
     print(f"\nsame prompt tokens: {same_prompts}; same greedy answers: {same_answers}")
 
     device = "gpu" if on_gpu else "cpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "server_overhead",
+    meta = {
         "baseline": "vllm.entrypoints.openai.api_server (same engine, plugin and flags)",
-        "settings": {k: v for k, v in vars(args).items() if k != "model"}
-        | {"model": Path(model).name},
-        "machine": info,
-        "rows": rows,
+        "settings": {k: v for k, v in vars(args).items() if k != "model"} | {"model": Path(model).name},
         "ratios": ratios,
         "same_prompt_tokens": same_prompts,
         "same_greedy_answers": same_answers,
     }
-    (RESULTS / f"server_overhead_{device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(RESULTS / f"server_overhead_{device}.csv", "w", newline="") as f:
-        fields = list(rows[0]) + [
-            "throughput_ratio",
-            "ttft_median_ratio",
-            "api_cpu_ratio",
-            "machine",
-        ]
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            ratio = next(x for x in ratios if x["concurrency"] == r["concurrency"])
-            w.writerow(
-                r
-                | {
-                    "throughput_ratio": ratio["throughput_ratio"],
-                    "ttft_median_ratio": ratio["ttft_median_ratio"],
-                    "api_cpu_ratio": ratio["api_cpu_ratio"],
-                    "machine": f"{info['cpu']} x{info['cores']}"
-                    + (f" + {info['gpu']}" if on_gpu else ""),
-                }
-            )
-    print(f"wrote {RESULTS}/server_overhead_{device}.json and .csv")
+    write_results(f"server_overhead_{device}", rows, meta=meta, machine=info)
     return 0
 
 

@@ -22,8 +22,6 @@ with the machine that produced them.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 import torch  # noqa: E402
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
 from molmo_model.model import MolmoForCausalLM  # noqa: E402
 from molmo_model.preprocessing import MolmoPreprocessor  # noqa: E402
 from molmo_model.tokenizer import build_tokenizer  # noqa: E402
@@ -43,8 +41,6 @@ from training.config import DEMO_SCENE, DataConfig, ModelSpec  # noqa: E402
 from training.data import SyntheticDataset  # noqa: E402
 from training.packing import collate, pack_example, split_annotations  # noqa: E402
 from training.recipe import OPTIM_PRESETS, build_optimizer, init_from_scratch  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def run_epoch(model, optimizer, sequences, batch: int, pad_id: int, tokens_per_crop: int, device) -> dict:
@@ -126,16 +122,9 @@ def main() -> None:
         print(f"{data_name}: packing encodes {s['images_encoded_reduction']:.0%} fewer images and is "
               f"{s['speedup']:.2f}x faster per epoch ({s['annotations_per_image']:.2f} annotations/image)")  # fmt: skip
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
-    report = {"benchmark": "training packing", "baseline": "one-per-sequence", "model": a.model,
-              "images": a.images, "batch": a.batch, "rows": rows, "summary": summary, "machine": describe_machine(with_vllm=False)}  # fmt: skip
-    (RESULTS / f"training_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (RESULTS / f"training_{tag}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {RESULTS}/training_{tag}.json and .csv")
+    write_results(f"training_{tag}", rows, meta={"baseline": "one-per-sequence", "model": a.model, "images": a.images,
+                                                 "batch": a.batch, "summary": summary})  # fmt: skip
 
 
 if __name__ == "__main__":

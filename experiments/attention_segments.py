@@ -8,15 +8,14 @@ only, annotations bucketed by length, then scatters the results back. Both run f
 backward on random q, k, v (3 heads of 64, the demo's) over the segment layouts of the demo
 preset's first batches; the script checks that they agree on every non-padding token.
 
-    python benchmarks/attention_segments.py --steps 10
+    python experiments/attention_segments.py --steps 10
 
-Writes benchmarks/results/attention_segments_cpu.json.
+Writes experiments/results/attention_segments_cpu.json/.csv.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,8 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.report import EXPERIMENT_RESULTS, write_results  # noqa: E402
 from kernels.annotation_attention import annotation_attention_reference  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def demo_layouts(steps: int) -> list[torch.Tensor]:
@@ -119,18 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         ref_s += _seconds(lambda: (annotation_attention_reference(q, k, v, seg) * g).sum().backward())  # noqa: B023
         seg_s += _seconds(lambda: (segment_attention(q, k, v, seg) * g).sum().backward())  # noqa: B023
     n = len(layouts)
-    result = {
-        "forwards": n,
-        "reference_ms": 1e3 * ref_s / n,
-        "segments_ms": 1e3 * seg_s / n,
-        "speedup": ref_s / seg_s,
-        "max_abs_diff": max_diff,
-        "machine": describe_machine(),
-    }
-    print(f"{n} forwards: reference {result['reference_ms']:.1f} ms, segments {result['segments_ms']:.1f} ms "
-          f"forward+backward a call ({result['speedup']:.2f}x); max |diff| {max_diff:.1e}")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_segments_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [{"path": "reference (masked flash SDPA)", "ms_forward_backward": 1e3 * ref_s / n, "speedup": 1.0},
+            {"path": "segments", "ms_forward_backward": 1e3 * seg_s / n, "speedup": ref_s / seg_s}]  # fmt: skip
+    print(f"{n} forwards: reference {rows[0]['ms_forward_backward']:.1f} ms, segments "
+          f"{rows[1]['ms_forward_backward']:.1f} ms forward+backward a call ({rows[1]['speedup']:.2f}x); "
+          f"max |diff| {max_diff:.1e}")  # fmt: skip
+    meta = {"baseline": rows[0]["path"], "forwards": n, "max_abs_diff": max_diff}
+    write_results("attention_segments_cpu", rows, meta=meta, out_dir=EXPERIMENT_RESULTS)
     return 0
 
 

@@ -4,11 +4,12 @@ Runs of the same preset and seed see the same data stream, so their losses at th
 compare the recipes and not the data. A run cut short by its time limit on a slow machine
 reached fewer steps; comparing at equal steps separates "learns faster" from "got more steps".
 
-    python benchmarks/compare_runs.py runs/L4 runs/H6 --window 200 --out results/runs_L4_H6
+    python experiments/compare_runs.py runs/L4 runs/H6 --window 200 --out experiments/results/runs_L4_H6
 
 Each argument is a run folder (with `log.jsonl`) or a log file; the first is the baseline.
-Writes OUT.json (per-window means of the token, grounding and dense losses, the seconds per
-step, and the last step of each run) and OUT.png (the losses against the step).
+Writes OUT.json and OUT.csv (a row per run and window: the means of the token, grounding and
+dense losses and the seconds per step; the last step of each run) and OUT.png (the losses
+against the step).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from benchmarks.report import write_results  # noqa: E402
 
 METRICS = ("loss", "grounding_loss", "dense_loss")
 
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders or log.jsonl files; the first is the baseline")
     p.add_argument("--window", type=int, default=200, help="steps per averaging window")
-    p.add_argument("--out", type=Path, help="write OUT.json and OUT.png")
+    p.add_argument("--out", type=Path, help="write OUT.json, OUT.csv and OUT.png")
     args = p.parse_args(argv)
     logs = {str(r): read_log(r) for r in args.runs}
     common = min(max(rows) for rows in logs.values())  # compare only steps every run reached
@@ -71,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         r = report["runs"][n]
         print(f"{Path(n).name}: last step {r['last_step']} after {r['elapsed_s']:.0f} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -88,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_yscale("log")
         axes[0].legend()
         fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=110)
+        rows = [{"run": n, **cell} for n in names for cell in report["runs"][n]["windows"]]
+        runs = {n: {k: v for k, v in r.items() if k != "windows"} for n, r in report["runs"].items()}
+        meta = {"baseline": names[0], "window": args.window, "common_steps": common, "runs": runs}
+        write_results(args.out.stem, rows, meta=meta, out_dir=args.out.parent, figure=fig)
     return 0
 
 

@@ -20,18 +20,19 @@ the dense head of `run.dense_loss`), it also reads, for every false point that l
 object of the scene, the dense head's kind of that object from the image tokens under it:
 whether the image features still say what the object is (the LLM chose it anyway) or not.
 
-Writes benchmarks/results/count_errors.json/.csv.
+The committed reports (experiments/results/eval_reports/, models/molmo-demo/eval_report.json)
+are summaries without the answers; write reports to read here with `molmo eval ... --answers
+--out REPORT` (the command of each is in experiments/README.md). Writes
+experiments/results/count_errors.json/.csv, or OUT.json/.csv with `--out OUT`.
 
-    python benchmarks/count_errors.py benchmarks/results/eval_reports/demo_2400_lead.json \\
-        models/molmo-demo/eval_report.json
-    python benchmarks/count_errors.py REPORT --checkpoint runs/demo/checkpoints/step-003000
+    python experiments/count_errors.py runs/eval/demo_L4.json runs/eval/demo_gpu_A.json
+    python experiments/count_errors.py REPORT --checkpoint runs/demo/checkpoints/step-003000
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import json
 import sys
 from pathlib import Path
@@ -39,13 +40,13 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from benchmarks.report import EXPERIMENT_RESULTS, write_results  # noqa: E402
 from molmo_model.points import parse_points, reading_order  # noqa: E402
 from training.config import DEMO_SCENE  # noqa: E402
 from training.evaluate import COUNT_RANGE, parse_count  # noqa: E402
 from training.recovery import ROW  # noqa: E402
 from training.shapes import inside  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CAUSES = ("right", "skipped", "stopped_early", "false_points", "duplicates", "other")
 
 
@@ -82,7 +83,7 @@ def dense_read_of_false_objects(report: dict, checkpoint: Path) -> dict[str, int
     read that object's kind right, or as the kind the question asked for?"""
     import torch
 
-    from benchmarks.checkpoints import load_for_diagnosis
+    from experiments.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
     from training.dense import global_token_centres
     from training.packing import collate, pack_example
@@ -163,23 +164,12 @@ def main() -> None:
     ap.add_argument("reports", nargs="+", type=Path, help="eval reports with answers; the first is the baseline")
     ap.add_argument("--checkpoint", action="append", type=Path, default=[],
                     help="the training checkpoint of each report's model, in order (see above)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "count_errors")
+    ap.add_argument("--out", type=Path, default=EXPERIMENT_RESULTS / "count_errors", help="writes OUT.json and OUT.csv")
     args = ap.parse_args()
     if args.checkpoint and len(args.checkpoint) != len(args.reports):
         ap.error("give one --checkpoint per report, or none")
     results = [summarize(p, c) for p, c in zip(args.reports, args.checkpoint or [None] * len(args.reports), strict=True)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"baseline": str(args.reports[0]), "results": results}, indent=2) + "\n")
-    counts = sorted({k for r in results for k in r["accuracy_by_count"]})
-    with args.out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["report", "queries", "accuracy", *CAUSES, "missed_objects", "missed_with_a_row_neighbour",
-                    "objects", "objects_with_a_row_neighbour", *(f"accuracy_{k}" for k in counts)])  # fmt: skip
-        for r in results:
-            w.writerow([r["report"], r["queries"], round(r["accuracy"], 3), *(r["causes"][c] for c in CAUSES),
-                        r["missed_objects"], r["missed_with_a_row_neighbour"], r["objects"],
-                        r["objects_with_a_row_neighbour"],
-                        *(r["accuracy_by_count"].get(k, "") for k in counts)])  # fmt: skip
+    write_results(args.out.stem, results, meta={"baseline": str(args.reports[0])}, out_dir=args.out.parent)
     for r in results:
         print(f"{r['report']}: accuracy {r['accuracy']:.3f} over {r['queries']}; "
               + ", ".join(f"{c} {r['causes'][c]}" for c in CAUSES)

@@ -18,20 +18,19 @@ counting:
   (`training.recovery`): the first character of the x that goes back for the object passed.
 
 The baseline is the first variant, `demo` (the preset unchanged). Writes
-benchmarks/results/demo_ablation_<device>.json/.csv with the machine that produced them.
+experiments/results/demo_ablation_<device>.json/.csv with the machine that produced them.
 
-    python benchmarks/demo_ablation.py --steps 400 --parallel 2          # all variants
-    python benchmarks/demo_ablation.py --variants demo,vit_lr --steps 300
-    python benchmarks/demo_ablation.py --checkpoint runs/demo/checkpoints/step-003000 \
+    python experiments/demo_ablation.py --steps 400 --parallel 2          # all variants
+    python experiments/demo_ablation.py --variants demo,vit_lr --steps 300
+    python experiments/demo_ablation.py --checkpoint runs/demo/checkpoints/step-003000 \
         --checkpoint runs/demo_lead/checkpoints/step-002400    # any training checkpoints
-        # -> benchmarks/results/demo_diagnose_cpu.json/.csv, the first one the baseline
+        # -> experiments/results/demo_diagnose_cpu.json/.csv, the first one the baseline
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import json
 import os
 import random
@@ -45,9 +44,7 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 import torch  # noqa: E402
 
-from benchmarks.machine import describe_machine  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.report import EXPERIMENT_RESULTS, write_results  # noqa: E402
 
 # name -> `--set` overrides of the demo preset. The first is the baseline.
 VARIANTS: dict[str, list[str]] = {
@@ -96,7 +93,7 @@ def _category(toks: list[str], j: int) -> str | None:
 
 def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
     """Teacher-forced decision accuracies (and the dense head's) on held-out scenes."""
-    from benchmarks.checkpoints import load_for_diagnosis
+    from experiments.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
     from training.coordinates import coordinate_numbers
     from training.dense import dense_targets
@@ -175,7 +172,8 @@ def main() -> None:
         rows = [{"checkpoint": str(c), **diagnose(c, a.examples)} for c in a.checkpoint]
         for row in rows:
             print(json.dumps(row), flush=True)
-        _write(rows, "demo_diagnose_cpu", {"baseline": rows[0]["checkpoint"], "examples": a.examples})
+        meta = {"baseline": rows[0]["checkpoint"], "examples": a.examples}
+        write_results("demo_diagnose_cpu", rows, meta=meta, out_dir=EXPERIMENT_RESULTS)
         return
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -209,29 +207,16 @@ def main() -> None:
                "train_seconds": seconds.get(name), **diagnose(ckpts[-1], a.examples)}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
     device = "cpu"
-    path = RESULTS / f"demo_ablation_{device}.json"
+    path = EXPERIMENT_RESULTS / f"demo_ablation_{device}.json"
     if a.merge and path.exists():  # keep the other variants of an earlier run at the same length
         earlier = json.loads(path.read_text())
         if earlier.get("steps") == a.steps and earlier.get("examples") == a.examples:
             rows = [r for r in earlier["rows"] if r["variant"] not in names] + rows
             rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
-    _write(rows, f"demo_ablation_{device}", {"baseline": rows[0]["variant"], "steps": a.steps,
-                                               "examples": a.examples, "parallel": a.parallel})  # fmt: skip
+    meta = {"baseline": rows[0]["variant"], "steps": a.steps, "examples": a.examples, "parallel": a.parallel}
+    write_results(f"demo_ablation_{device}", rows, meta=meta, out_dir=EXPERIMENT_RESULTS)
 
-
-def _write(rows: list[dict], name: str, header: dict) -> None:
-    """benchmarks/results/<name>.json (the header, the machine, the rows) and <name>.csv."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({**header, "machine": describe_machine(), "rows": rows}, indent=2) + "\n")
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("variant", "checkpoint", "sets", "steps"), k))
-    with (RESULTS / f"{name}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two demo trainings side by side on one lent GPU, then the kernels' check, in one device call.
 #
-#   OUT=/some/dir bash benchmarks/gpu_demo_runs.sh
+#   OUT=/some/dir bash experiments/gpu_demo_runs.sh     # OUT defaults to the ignored runs/gpu_demo
 #
 # A: `molmo train --preset demo-gpu` as documented (16 images a step, the Triton
 #    annotation-attention kernel, 8 loader processes).
@@ -12,10 +12,10 @@
 # how busy it is). Each run's served model, log and loss curve come back as
 # OUT/<run>_model.tar.gz, its last resumable state as OUT/<run>_state.pt. Then
 # `benchmarks/kernel_ops.py --check` runs, cut at 60 s (on an H100 that ended its timings
-# before their JSON/CSV: results/kernel_ops_check_NVIDIA_H100_80GB_HBM3.txt is its output).
+# before their JSON/CSV: benchmarks/results/kernel_ops_check_NVIDIA_H100_80GB_HBM3.txt is its output).
 # Runs from a checkout with no install (PYTHONPATH), on the machine's own python3 and torch.
 set -u
-OUT=${OUT:-benchmarks/results/gpu_demo}
+OUT=${OUT:-runs/gpu_demo}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -26,13 +26,13 @@ PY=${PYTHON:-python3}
 } 2>&1 | tee "$OUT/env.txt"
 
 # EXTRA: more --set overrides for both runs, e.g. a dry run on the CPU:
-#   EXTRA="--set run.device=cpu --set run.time_limit_s=20" bash benchmarks/gpu_demo_runs.sh
+#   EXTRA="--set run.device=cpu --set run.time_limit_s=20" bash experiments/gpu_demo_runs.sh
 # shellcheck disable=SC2206
 common=(--set run.progress=false --set run.export_dir=null --set run.threads=1 ${EXTRA:-})
-$PY -m molmo_model.cli train --preset demo-gpu --set run.out_dir=runs/gpu-A --set data.num_workers=8 \
+$PY -m molmo_cli train --preset demo-gpu --set run.out_dir=runs/gpu-A --set data.num_workers=8 \
   "${common[@]}" >runs_A.out 2>&1 &
 a=$!
-MOLMO_KERNELS_BACKEND=torch $PY -m molmo_model.cli train --preset demo-gpu --set run.out_dir=runs/gpu-B \
+MOLMO_KERNELS_BACKEND=torch $PY -m molmo_cli train --preset demo-gpu --set run.out_dir=runs/gpu-B \
   --set data.batch_size=8 --set data.num_workers=5 "${common[@]}" >runs_B.out 2>&1 &
 b=$!
 # How busy the GPU is with both runs on it (one sample a minute, from the second minute on).
