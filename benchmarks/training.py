@@ -38,7 +38,7 @@ from molmo_model.model import MolmoForCausalLM  # noqa: E402
 from molmo_model.preprocessing import MolmoPreprocessor  # noqa: E402
 from molmo_model.tokenizer import build_tokenizer  # noqa: E402
 from training.config import DEMO_SCENE, DataConfig, ModelSpec  # noqa: E402
-from training.data import SyntheticDataset  # noqa: E402
+from training.data.synthetic import SyntheticDataset  # noqa: E402
 from training.packing import collate, pack_example, split_annotations  # noqa: E402
 from training.recipe import OPTIM_PRESETS, build_optimizer, init_from_scratch  # noqa: E402
 

@@ -40,8 +40,9 @@ def demo_layouts(steps: int) -> list[torch.Tensor]:
     cfg = run_preset("demo")
     tok = build_tokenizer()
     config = cfg.model.build(tok.embedding_size)
-    batches = StepBatches(cfg.data, MolmoPreprocessor(config.preprocess, tok), config.preprocess.tokens_per_side**2,
-                          seed=0, rank=0, world_size=1, start_step=0, end_step=steps)  # fmt: skip
+    pre = MolmoPreprocessor(config.preprocess, tok)
+    batches = StepBatches(cfg.data, pre, config.preprocess.tokens_per_side**2, seed=0, rank=0, world_size=1,
+                          start_step=0, end_step=steps, extras=cfg.extras.build(cfg.data, pre))  # fmt: skip
     return [b.segment_ids for i in range(len(batches)) for b in batches[i]]
 
 

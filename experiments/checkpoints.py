@@ -19,7 +19,7 @@ def load_for_diagnosis(checkpoint: Path) -> tuple[Any, Any, Any, Any, Any]:
 
     from molmo_model.checkpoint import load_checkpoint
     from training.config import TrainConfig
-    from training.dense import DenseHead, FeatureTap
+    from training.extras.dense import DenseHead, FeatureTap
 
     model, _, tok = load_checkpoint(checkpoint)
     model.eval()

@@ -12,7 +12,7 @@ the baseline) and sorts every counting query with 1 to 10 objects:
 - `other`: the rest (a stated number that disagrees with the points, for one).
 
 It also reports accuracy by true count and how many of the true objects no point found have
-another true object in their row (centres within `training.recovery.ROW` of the image
+another true object in their row (centres within `training.extras.recovery.ROW` of the image
 height), the ones an order slip loses, beside the same share over all true objects.
 
 With `--checkpoint` (a training checkpoint of the report's model, one per report, which keeps
@@ -43,9 +43,9 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 from benchmarks.report import EXPERIMENT_RESULTS, write_results  # noqa: E402
 from molmo_model.points import parse_points, reading_order  # noqa: E402
 from training.config import DEMO_SCENE  # noqa: E402
+from training.data.records import inside  # noqa: E402
 from training.evaluate import COUNT_RANGE, parse_count  # noqa: E402
-from training.recovery import ROW  # noqa: E402
-from training.shapes import inside  # noqa: E402
+from training.extras.recovery import ROW  # noqa: E402
 
 CAUSES = ("right", "skipped", "stopped_early", "false_points", "duplicates", "other")
 
@@ -85,9 +85,9 @@ def dense_read_of_false_objects(report: dict, checkpoint: Path) -> dict[str, int
 
     from experiments.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
-    from training.dense import global_token_centres
+    from training.data.synthetic import make_example
+    from training.extras.dense import global_token_centres
     from training.packing import collate, pack_example
-    from training.synthetic import make_example
 
     model, tok, cfg, head, tap = load_for_diagnosis(checkpoint)
     if head is None:

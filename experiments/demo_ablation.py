@@ -15,7 +15,7 @@ counting:
 - `dense_kind` / `dense_colour`: for runs with `run.dense_loss`, the dense head's read-out of
   the kind and colour of the global view's tokens that lie on an object;
 - `recovery_x_first`: the same scenes with one same-row pair of points written in reverse
-  (`training.recovery`): the first character of the x that goes back for the object passed.
+  (`training.extras.recovery`): the first character of the x that goes back for the object passed.
 
 The baseline is the first variant, `demo` (the preset unchanged). Writes
 experiments/results/demo_ablation_<device>.json/.csv with the machine that produced them.
@@ -96,10 +96,10 @@ def diagnose(checkpoint: Path, examples: int) -> dict[str, float]:
     from experiments.checkpoints import load_for_diagnosis
     from molmo_model.preprocessing import MolmoPreprocessor
     from training.coordinates import coordinate_numbers
-    from training.dense import dense_targets
+    from training.data.synthetic import make_example
+    from training.extras.dense import dense_targets
+    from training.extras.recovery import recover_example
     from training.packing import collate, pack_example
-    from training.recovery import recover_example
-    from training.synthetic import make_example
 
     model, tok, cfg, head, tap = load_for_diagnosis(checkpoint)
     syn = cfg.data.synthetic()

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from molmo_model.points import NOT_PRESENT, format_points, parse_points
-from training.data import JsonlDataset, SyntheticDataset, write_synthetic_split
-from training.synthetic import (
+from training.data.jsonl import JsonlDataset
+from training.data.synthetic import (
     COLOURS,
     PLURALS,
     SPLIT_CAPACITY,
@@ -29,6 +29,7 @@ from training.synthetic import (
     SceneConfig,
     SceneObject,
     SyntheticConfig,
+    SyntheticDataset,
     caption_prompt,
     make_example,
     render_clock,
@@ -36,6 +37,7 @@ from training.synthetic import (
     scene_annotations,
     split_of_seed,
     split_seed,
+    write_synthetic_split,
 )
 
 SCENES_ONLY = SyntheticConfig(clock_fraction=0.0)
@@ -397,11 +399,11 @@ def test_unreadable_image_is_reported_on_load(tmp_path: Path):
 
 
 def test_documented_example_line_loads(tmp_path: Path):
-    import training.data
+    import training.data.jsonl
 
-    doc = training.data.__doc__ or ""
+    doc = training.data.jsonl.__doc__ or ""
     block = re.search(r"\n(    \{\"image\".*?)\n\n\(written", doc, re.S)
-    assert block, "the JSONL example in training/data.py's docstring moved"
+    assert block, "the JSONL example in training/data/jsonl.py's docstring moved"
     line = json.loads(block.group(1))
     (tmp_path / "images").mkdir()
     Image.new("RGB", (640, 480), (200, 200, 200)).save(tmp_path / "images/kitchen.jpg")

@@ -24,8 +24,15 @@ from molmo_model.model import MolmoForCausalLM
 from molmo_model.points import format_points
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import build_tokenizer
+from training.checkpointing import STATE_FILE
 from training.config import DEMO_SCENE, DataConfig, ModelSpec, RunConfig, TrainConfig, run_preset
+from training.data.records import Annotation, Example, inside
+from training.data.synthetic import SceneConfig, SyntheticConfig, make_example
 from training.evaluate import Query, match_points, parse_count, parse_time, point_scores, score
+from training.extras import ExtrasConfig
+from training.extras.dense import DenseConfig
+from training.extras.grounding import GroundingConfig
+from training.extras.recovery import RecoveryConfig, RecoveryExtra
 from training.loader import StepBatches
 from training.packing import IGNORE, collate, pack_example, pack_tokens, split_annotations
 from training.recipe import (
@@ -37,10 +44,7 @@ from training.recipe import (
     init_from_scratch,
     lr_factor,
 )
-from training.records import Annotation, Example
-from training.shapes import inside
-from training.synthetic import SceneConfig, SyntheticConfig, make_example
-from training.train import STATE_FILE, train
+from training.train import train
 
 SCENES = SyntheticConfig(scene=SceneConfig(**DEMO_SCENE), clock_fraction=0.0)
 
@@ -228,13 +232,28 @@ def test_scaled_init_lets_image_features_reach_the_llm(config, tok):
 # ---------------------------------------------------------------- the loop
 
 
-def _run_config(out: Path, steps: int, batch_size: int = 2, **run) -> TrainConfig:
+def _run_config(out: Path, steps: int, batch_size: int = 2, dense: float = 0.0, grounding: float = 0.0,
+                **run) -> TrainConfig:  # fmt: skip
     return TrainConfig(
         model=ModelSpec(preset="tiny", max_crops=1),
         data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=batch_size, max_len=700),
         optim=OptimConfig(connector_lr=2e-3, vit_lr=2e-3, llm_lr=2e-3, connector_warmup=1, vit_warmup=1, llm_warmup=1),
         run=RunConfig(out_dir=str(out), steps=steps, log_every=1, progress=False, **run),
+        extras=ExtrasConfig(dense=DenseConfig(weight=dense), grounding=GroundingConfig(weight=grounding)),
     )
+
+
+class FakeTime:
+    """Wall time for the trainer (`now`) that moves `tick` seconds each time it is read, however long
+    the work between two readings really takes: the time limit falls at the same step on any
+    machine."""
+
+    def __init__(self, tick: float) -> None:
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -258,17 +277,17 @@ def test_few_steps_lower_the_loss(tmp_path):
 
 
 def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
-    final = train(_run_config(tmp_path, steps=50, time_limit_s=1e-3))
+    final = train(_run_config(tmp_path, steps=50, time_limit_s=1e-3), now=FakeTime(1.0))
     assert (tmp_path / "checkpoints" / "step-000001" / STATE_FILE).exists()
     assert (final / "model.safetensors").exists()
 
 
-def test_a_run_stopped_by_the_clock_logs_its_last_step(tmp_path):
+def test_a_run_stopped_by_its_time_limit_logs_its_last_step(tmp_path):
     # Stopped at step 1, long before its first log row would be due: the step is still logged,
     # and the loss curve is drawn from it.
     cfg = _run_config(tmp_path, steps=50, time_limit_s=1e-3)
     cfg.run.log_every = 1000
-    final = train(cfg)
+    final = train(cfg, now=FakeTime(1.0))
     assert [r["step"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())] == [1]
     assert (final / "loss.png").stat().st_size > 0
 
@@ -276,19 +295,18 @@ def test_a_run_stopped_by_the_clock_logs_its_last_step(tmp_path):
 def test_demo_gpu_preset_is_the_demo_recipe_on_a_gpu():
     cpu, gpu = run_preset("demo"), run_preset("demo-gpu")
     assert gpu.model == cpu.model and gpu.optim == cpu.optim  # the same model and optimiser
-    assert gpu.data.scene == cpu.data.scene and gpu.data.recovery_prob == cpu.data.recovery_prob
+    assert gpu.extras == cpu.extras and gpu.extras.dense.weight > 0  # and the same extras
+    assert gpu.data.scene == cpu.data.scene
     assert gpu.data.max_len == cpu.data.max_len and gpu.data.clock_fraction == cpu.data.clock_fraction
-    for name in ("dense_loss", "dense_object_attributes", "grounding_loss", "grounding_layers",
-                 "grounding_lead", "grounding_start", "response_dropout", "seed", "schedule_by_time",
-                 "export_dir"):  # fmt: skip
+    for name in ("response_dropout", "seed", "schedule_by_time", "export_dir"):
         assert getattr(gpu.run, name) == getattr(cpu.run, name), name
     assert gpu.run.device == "cuda" and gpu.data.batch_size == 2 * cpu.data.batch_size
     assert 0 < gpu.run.time_limit_s <= 15 * 60  # inside a lent GPU's 15 minutes
 
 
 def test_schedule_by_time_ends_the_decay_at_the_time_limit(tmp_path):
-    cfg = _run_config(tmp_path, steps=10_000, time_limit_s=1.5, schedule_by_time=True)
-    train(cfg)
+    cfg = _run_config(tmp_path, steps=10_000, time_limit_s=5.0, schedule_by_time=True)
+    train(cfg, now=FakeTime(1.0))  # two readings, 2 s, a step: past the limit at step 3
     (checkpoint,) = sorted((tmp_path / "checkpoints").glob("step-*"))[-1:]
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
     assert state["step"] < 10_000  # stopped by the clock, far from the planned steps...
@@ -298,30 +316,35 @@ def test_schedule_by_time_ends_the_decay_at_the_time_limit(tmp_path):
 
 
 def test_schedule_by_time_keeps_the_warmup_by_steps(tmp_path):
-    # A far-off step count and a short limit: the clock alone would jump the schedule past a
-    # 3-step warmup at once; the warmup still runs step by step, the clock takes over after it.
-    # 6 s leave room for many more than the 3 warmup steps (a step of this model takes well
-    # under a second even on a loaded 2-core machine).
-    cfg = _run_config(tmp_path, steps=100_000, batch_size=1, time_limit_s=6.0, schedule_by_time=True)
+    # A far-off step count and a short limit: wall time alone would jump the schedule past a
+    # 3-step warmup at once; the warmup still runs step by step, wall time takes over after it.
+    # The injected clock moves 0.5 s per reading (two a step: 1 s), so the 5.5 s limit ends the
+    # run at step 6 however slow the machine.
+    cfg = _run_config(tmp_path, steps=100_000, batch_size=1, time_limit_s=5.5, schedule_by_time=True)
     cfg.optim = dataclasses.replace(cfg.optim, connector_warmup=3, vit_warmup=3, llm_warmup=3)
-    train(cfg)
+    train(cfg, now=FakeTime(0.5))
     rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(rows) >= 3, f"only {len(rows)} steps in 6 s"
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     peak = cfg.optim.llm_lr
-    # lr_* is the rate the step trained with: 1/3, 2/3, 3/3 of the peak over the warmup.
+    # lr_* is the rate the step trained with: 1/3, 2/3, 3/3 of the peak over the warmup...
     assert [r["lr_llm"] for r in rows[:3]] == pytest.approx([peak / 3, 2 * peak / 3, peak])
-    # ...and by the limit the clock has run the schedule to its end.
+    # ...then wall time moves the schedule: after step 4, 1 s of the 2.5 s left when it took
+    # over (at step 3, 3 s in) has passed, so step 5 trains 40% of the way along the steps left.
+    position = int(3 + (4 - 3) / (5.5 - 3) * (100_000 - 3))
+    assert rows[4]["lr_llm"] == pytest.approx(peak * lr_factor(position, 3, 100_000, cfg.optim.final_lr_fraction))
+    assert peak * cfg.optim.final_lr_fraction < rows[4]["lr_llm"] < peak
+    # ...and by the limit it has run the schedule to its end.
     (checkpoint,) = sorted((tmp_path / "checkpoints").glob("step-*"))[-1:]
     assert torch.load(checkpoint / STATE_FILE, weights_only=False)["scheduler"]["last_epoch"] == 100_000
 
 
-def test_clock_schedule_position_maps_the_time_left_onto_the_steps_left():
-    from training.train import clock_schedule_position
+def test_schedule_position_by_time_maps_the_time_left_onto_the_steps_left():
+    from training.train import schedule_position_by_time
 
-    assert clock_schedule_position((30, 10.0), 10.0, 110.0, 1030) == pytest.approx(30)
-    assert clock_schedule_position((30, 10.0), 60.0, 110.0, 1030) == pytest.approx(530)
-    assert clock_schedule_position((30, 10.0), 110.0, 110.0, 1030) == pytest.approx(1030)
-    assert clock_schedule_position((30, 200.0), 200.0, 110.0, 1030) == 1030  # warmup outlasted the limit
+    assert schedule_position_by_time((30, 10.0), 10.0, 110.0, 1030) == pytest.approx(30)
+    assert schedule_position_by_time((30, 10.0), 60.0, 110.0, 1030) == pytest.approx(530)
+    assert schedule_position_by_time((30, 10.0), 110.0, 110.0, 1030) == pytest.approx(1030)
+    assert schedule_position_by_time((30, 200.0), 200.0, 110.0, 1030) == 1030  # warmup outlasted the limit
 
 
 @pytest.mark.parametrize("dense_loss", [0.0, 0.5], ids=["text-loss", "with-dense-and-grounding"])
@@ -329,7 +352,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Response dropout draws from the RNG, so the restored RNG state matters too; with the
     # dense loss its training-only head must come back from the checkpoint as well.
-    run = dict(response_dropout=0.1, dense_loss=dense_loss, grounding_loss=dense_loss)
+    run = dict(response_dropout=0.1, dense=dense_loss, grounding=dense_loss)
     train(_run_config(straight, steps=4, **run))
     train(_run_config(resumed, steps=4, save_every=2, **run))
     # Simulate a crash after step 2: drop everything written after its checkpoint.
@@ -361,7 +384,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu", dense_loss=0.5, grounding_loss=0.5))
+    train(_run_config(Path(out), steps=2, batch_size=1, device="cpu", dense=0.5, grounding=0.5))
 
 
 def test_two_process_gloo_run_equals_one_process_run(tmp_path):
@@ -369,7 +392,7 @@ def test_two_process_gloo_run_equals_one_process_run(tmp_path):
     # The same global batch: 2 images in one process, or 1 image in each of 2 processes. The
     # dense and grounding losses are on: the dense head (outside DDP) must be averaged across
     # processes too, and both normalised by their counts over all processes.
-    train(_run_config(one, steps=2, batch_size=2, device="cpu", dense_loss=0.5, grounding_loss=0.5))
+    train(_run_config(one, steps=2, batch_size=2, device="cpu", dense=0.5, grounding=0.5))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
     a, b = _losses(one), _losses(two)
     for step in (1, 2):
@@ -450,6 +473,79 @@ def test_config_rejects_unknown_keys_and_loads_toml(tmp_path):
     assert cfg.data.synthetic().scene.kinds == tuple(DEMO_SCENE["kinds"])  # the preset's, kept
 
 
+def test_the_extras_old_keys_still_load():
+    # Configs written before the extras had their section (the committed demo model's among
+    # them) and `--set run.dense_loss=...` keep working.
+    old = {"run": {"dense_loss": 0.5, "grounding_layers": [-2], "grounding_lead": True},
+           "data": {"recovery_prob": 0.25}}  # fmt: skip
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.extras.dense.weight == 0.5 and cfg.extras.recovery.prob == 0.25
+    assert cfg.extras.grounding.layers == (-2,) and cfg.extras.grounding.lead
+    assert "dense_loss" not in cfg.to_dict()["run"] and "recovery_prob" not in cfg.to_dict()["data"]
+    demo = TrainConfig.load(Path(__file__).parents[1] / "models" / "molmo-demo" / "train_config.json")
+    assert demo.extras == run_preset("demo-gpu").extras
+    with pytest.raises(ValueError, match="name the same setting"):
+        TrainConfig.from_dict({"run": {"dense_loss": 1.0}, "extras": {"dense": {"weight": 2.0}}})
+    with pytest.raises(ValueError, match="extras.dense.wieght"):
+        TrainConfig.from_dict({"extras": {"dense": {"wieght": 1.0}}})
+
+
+def test_generic_training_modules_import_no_extra():
+    # The trainer knows the extras only through training/supervision.py; the root config
+    # (training/config.py) is what names them.
+    import ast
+
+    root = Path(__file__).parents[1] / "training"
+    generic = ["packing", "loader", "train", "step", "recipe", "evaluate", "checkpointing", "run_log",
+               "distributed", "supervision", "coordinates", "cli"]  # fmt: skip
+    for name in generic:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("training.extras"), (name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("training.extras") for a in node.names), name
+
+
+def test_an_extra_rides_from_the_loader_to_the_batch(pre, config):
+    # Any Extra: its per-sequence targets are attached in the loader and joined into the batch
+    # by their own `batch`, with each row's first crop; recovery-style `prepare` sees positions.
+    from training.supervision import Extra
+
+    class Rows:
+        def __init__(self, rows, crops):
+            self.rows, self.crops = rows, crops
+
+        def __len__(self):
+            return len(self.rows)
+
+        def to(self, device):
+            return self
+
+        @classmethod
+        def batch(cls, items):
+            return cls([r for r, _, _ in items], [c for _, c, _ in items])
+
+    class Probe(Extra):
+        name = "probe"
+
+        def __init__(self):
+            self.positions: list[int] = []
+
+        def prepare(self, example, seed, position):
+            self.positions.append(position)
+            return example
+
+        def targets(self, example, packed):
+            return Rows([None], [None])
+
+    cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=3)
+    probe = Probe()
+    (batch,) = StepBatches(cfg, pre, _tokens_per_crop(config), end_step=2, extras=[probe])[1]
+    assert probe.positions == [3, 4, 5]
+    assert batch.extras["probe"].rows == [0, 1, 2] and batch.extras["probe"].crops == [0, 2, 4]
+
+
 def test_length_sorted_split_keeps_the_loss_and_pads_less(pre, config, model64):
     cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=4)
     t = _tokens_per_crop(config)
@@ -488,7 +584,7 @@ def test_annotation_without_answer_is_rejected(pre):
 
 
 def test_dense_targets_mark_every_object_under_its_tokens(pre, config):
-    from training.dense import dense_targets, global_token_centres
+    from training.extras.dense import dense_targets, global_token_centres
 
     geo = config.preprocess
     kinds, colours = SCENES.scene.kinds, SCENES.scene.colours
@@ -519,7 +615,7 @@ def test_dense_targets_mark_every_object_under_its_tokens(pre, config):
 def test_dense_object_attributes_add_the_object_tokens_kind_and_colour_loss(config):
     import torch.nn.functional as F
 
-    from training.dense import DenseHead, DenseTargets, dense_targets
+    from training.extras.dense import DenseHead, DenseTargets, dense_targets
 
     kinds, colours = SCENES.scene.kinds, SCENES.scene.colours
     exs = [make_example("train", i, SCENES) for i in range(2)]
@@ -544,8 +640,22 @@ def test_dense_object_attributes_add_the_object_tokens_kind_and_colour_loss(conf
     assert diff == pytest.approx(expected, rel=1e-5) and diff > 0
 
 
+def test_dense_classes_come_from_the_data(tmp_path):
+    # Synthetic data: the scenes' own kinds and colours; JSONL data: those its objects name,
+    # whatever the (unused) synthetic scene config says.
+    from training.data.synthetic import write_synthetic_split
+    from training.extras.dense import object_vocabulary
+
+    assert object_vocabulary(DataConfig(scene=dict(DEMO_SCENE))) == (DEMO_SCENE["kinds"], DEMO_SCENE["colours"])
+    path = write_synthetic_split(tmp_path, "train", 3, SCENES)
+    kinds, colours = object_vocabulary(DataConfig(source="jsonl", path=str(path)))
+    named = [json.loads(line)["metadata"]["objects"] for line in path.read_text().splitlines()]
+    assert kinds == tuple(sorted({o["kind"] for objs in named for o in objs}))
+    assert colours == tuple(sorted({o["colour"] for objs in named for o in objs}))
+
+
 def test_global_token_centres_follow_the_letterbox(config):
-    from training.dense import global_token_centres
+    from training.extras.dense import global_token_centres
 
     geo = config.preprocess
     # 672x336 is scaled by 1/2 onto the 336 canvas and centred vertically (84 px bands).
@@ -556,7 +666,7 @@ def test_global_token_centres_follow_the_letterbox(config):
 
 
 def test_dense_run_serves_a_plain_molmo_checkpoint(tmp_path):
-    final = train(_run_config(tmp_path, steps=2, dense_loss=1.0))
+    final = train(_run_config(tmp_path, steps=2, dense=1.0))
     rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["dense_loss"] > 0 and "grad_norm_dense" in rows[-1]
     served = _weights(final)
@@ -565,7 +675,7 @@ def test_dense_run_serves_a_plain_molmo_checkpoint(tmp_path):
 
 
 def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok):
-    from training.dense import grounding_targets
+    from training.extras.grounding import grounding_targets
 
     checked = 0
     for index in range(8):
@@ -593,7 +703,7 @@ def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok)
             token = int(g.target[run[0]].argmax())
             assert bool((g.target[run] == g.target[run[0]]).all())
             # The object under the target tokens has this number as its x or y percentage.
-            from training.dense import global_token_centres
+            from training.extras.dense import global_token_centres
 
             x, y = global_token_centres(w, h, config.preprocess)[token].tolist()
             obj = next(o for o in ex.metadata["objects"] if o["box"][0] <= x < o["box"][2] and o["box"][1] <= y < o["box"][3])
@@ -603,7 +713,7 @@ def test_grounding_targets_point_each_coordinate_at_its_object(pre, config, tok)
 
 
 def test_grounding_lead_grounds_the_tokens_that_open_each_point(pre, config, tok):
-    from training.dense import grounding_targets
+    from training.extras.grounding import grounding_targets
 
     opening = {tok.encode(t)[0] for t in (" x", '="')} | {tok.encode(str(i))[0] for i in range(10)}
     checked = 0
@@ -633,7 +743,7 @@ def test_grounding_loss_is_the_cross_entropy_of_the_heads_real_attention(pre, co
     """The loss reads q and k from hooks; here the same head's attention is rebuilt the way
     MolmoBlock computes it (layout, RoPE, causal softmax over everything the query sees)."""
     from molmo_model.model import apply_rope, rope_cos_sin
-    from training.dense import GroundingLoss, grounding_targets
+    from training.extras.grounding import GroundingLoss, grounding_targets
 
     model = model64.float()
     try:
@@ -684,7 +794,7 @@ def _recovered(tok):
     """A training scene and its copy with every same-row pair's annotation rewritten."""
     import random
 
-    from training.recovery import recover_example
+    from training.extras.recovery import recover_example
 
     for index in range(50):
         ex = make_example("train", index, SCENES)
@@ -696,7 +806,7 @@ def _recovered(tok):
 
 def test_recovery_writes_a_same_row_pair_in_reverse_and_masks_the_wrong_turn(pre, tok):
     from molmo_model.points import parse_points
-    from training.recovery import ROW
+    from training.extras.recovery import ROW
 
     ex, rx = _recovered(tok)
     w, h = ex.image.size
@@ -727,7 +837,8 @@ def test_recovery_writes_a_same_row_pair_in_reverse_and_masks_the_wrong_turn(pre
 
 def test_recovery_grounds_the_points_in_the_order_written_and_not_the_wrong_turn(pre, config, tok):
     from molmo_model.points import parse_points
-    from training.dense import global_token_centres, grounding_targets
+    from training.extras.dense import global_token_centres
+    from training.extras.grounding import grounding_targets
 
     ex, rx = _recovered(tok)
     w, h = ex.image.size
@@ -758,19 +869,21 @@ def test_recovery_grounds_the_points_in_the_order_written_and_not_the_wrong_turn
 
 def test_recovery_batches_are_a_function_of_the_step(pre, config):
     def batches(prob):
-        cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=4, recovery_prob=prob)
-        sb = StepBatches(cfg, pre, _tokens_per_crop(config), end_step=3)
+        cfg = DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=4)
+        extras = [RecoveryExtra(RecoveryConfig(prob))] if prob else []
+        sb = StepBatches(cfg, pre, _tokens_per_crop(config), end_step=3, extras=extras)
         return [b.labels for b in sb[2]]
 
     first, again, off = batches(0.5), batches(0.5), batches(0.0)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert sum(int((b == IGNORE).sum()) for b in first) > sum(int((b == IGNORE).sum()) for b in off)
-    with pytest.raises(ValueError, match="recovery_prob"):
-        DataConfig(recovery_prob=1.5)
+    with pytest.raises(ValueError, match="extras.recovery.prob"):
+        RecoveryConfig(prob=1.5)
 
 
 def test_grounding_start_looks_at_every_object_of_the_answer_from_its_first_token(pre, config, tok):
-    from training.dense import _on_box, global_token_centres, grounding_targets
+    from training.extras.dense import global_token_centres, on_box
+    from training.extras.grounding import grounding_targets
 
     checked = 0
     for index in range(8):
@@ -794,7 +907,7 @@ def test_grounding_start_looks_at_every_object_of_the_answer_from_its_first_toke
             on = torch.zeros(len(centres))
             for o in ex.metadata["objects"]:
                 if any(inside(p, o["box"]) for p in ann.points):
-                    on = torch.maximum(on, _on_box(centres, o["box"]).float())
+                    on = torch.maximum(on, on_box(centres, o["box"]).float())
             assert torch.allclose(extra.pop(first), on / on.sum())
             checked += 1
         assert not extra

@@ -8,16 +8,21 @@ and/or a TOML or JSON file whose tables mirror the dataclasses::
     preset = "demo"            # a model shape from molmo_model.config.PRESETS
     [data]
     batch_size = 8
-    [data.scene]               # fields of training.shapes.SceneConfig
+    [data.scene]               # fields of training.data.synthetic.SceneConfig
     max_count = 10
     [optim]
     preset = "demo"            # training.recipe.OPTIM_PRESETS, then field overrides
     llm_lr = 1e-3
     [run]
     steps = 500
+    [extras.dense]             # the demo's extra supervision (training/extras/), off by default
+    weight = 1.0
 
 Unknown keys are errors naming the key. `TrainConfig.to_dict()` is what a run saves beside
-its checkpoints (`train_config.json`), so every model records how it was made.
+its checkpoints (`train_config.json`), so every model records how it was made. The extras'
+keys had a place in `run` and `data` before they got their own section (`run.dense_loss`,
+`data.recovery_prob`, ...: `ALIASES`); those names still load, so older configs and
+`--set run.dense_loss=0` keep working.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from molmo_model.config import LLMConfig, MolmoConfig, VisionConfig, get_preset
+from training.data.synthetic import ClockConfig, SceneConfig, SyntheticConfig
+from training.extras import ExtrasConfig
+from training.extras.dense import DenseConfig
+from training.extras.grounding import GroundingConfig
+from training.extras.recovery import RecoveryConfig
 from training.recipe import OPTIM_PRESETS, OptimConfig
-from training.shapes import SceneConfig
-from training.synthetic import ClockConfig, SyntheticConfig
 
 
 @dataclass
@@ -85,8 +93,6 @@ class DataConfig:
     # this many padded tokens each (less padding, same gradient); 0 = one forward
     shuffle: bool = True  # reshuffle finite datasets every epoch
     num_workers: int = 0  # DataLoader worker processes that render and pack batches
-    recovery_prob: float = 0.0  # chance a pointing answer is rewritten to train going back for
-    # an object passed by a slip in the order (training/recovery.py); 0 = off
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "jsonl"):
@@ -97,8 +103,6 @@ class DataConfig:
             raise ValueError("data.batch_size, data.grad_accum and data.size must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.recovery_prob <= 1.0:
-            raise ValueError(f"data.recovery_prob must be in [0, 1], got {self.recovery_prob}")
         self.synthetic()  # validates the generator overrides
 
     def synthetic(self) -> SyntheticConfig:
@@ -127,18 +131,11 @@ class RunConfig:
     parallel: str = "ddp"  # "ddp" or "fsdp" when launched with torchrun (WORLD_SIZE > 1)
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
-    dense_loss: float = 0.0  # weight of training.dense's per-token loss on the image features
-    # (needs images whose metadata lists their objects: the synthetic scenes); 0 = off
-    grounding_loss: float = 0.0  # weight of training.dense's attention grounding loss; 0 = off
-    grounding_layers: tuple[int, ...] = (-1,)  # LLM layers whose head 0 it supervises
-    grounding_lead: bool = False  # also ground the tokens that open a point (` x`, index, `="`)
-    grounding_start: bool = False  # and the answer's first token on all of the answer's objects
-    dense_object_attributes: float = 0.0  # extra weight of the dense kind/colour loss on object tokens
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
     export_dir: str | None = None  # also write the final served model here
     time_limit_s: float = 0.0  # stop (checkpoint + final model) once the loop has run this long; 0 = no limit
     schedule_by_time: bool = False  # with time_limit_s: after the warmup (by steps) the LR schedule
-    # runs at least as fast as the clock (the time left mapped onto the steps left), so the decay
+    # runs at least as fast as wall time (the time left mapped onto the steps left), so the decay
     # ends at the limit on a machine of any speed
     progress: bool = True  # tqdm bar on rank 0
 
@@ -151,11 +148,6 @@ class RunConfig:
             raise ValueError(f"run.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"run.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.dense_loss < 0 or self.grounding_loss < 0 or self.dense_object_attributes < 0:
-            raise ValueError("run.dense_loss, run.grounding_loss and run.dense_object_attributes must be >= 0")
-        self.grounding_layers = tuple(int(i) for i in self.grounding_layers)
-        if self.grounding_loss and not self.grounding_layers:
-            raise ValueError("run.grounding_layers: name at least one layer")
         if not 0.0 <= self.response_dropout < 1.0:
             raise ValueError(f"run.response_dropout must be in [0, 1), got {self.response_dropout}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
@@ -164,12 +156,25 @@ class RunConfig:
             raise ValueError("run.log_every and run.keep_checkpoints must be >= 1, save_every/eval_every >= 0")
 
 
+# Where the extras' keys lived before they got their own section: (section, key) -> extras table, key.
+ALIASES: dict[tuple[str, str], tuple[str, str]] = {
+    ("run", "dense_loss"): ("dense", "weight"),
+    ("run", "dense_object_attributes"): ("dense", "object_attributes"),
+    ("run", "grounding_loss"): ("grounding", "weight"),
+    ("run", "grounding_layers"): ("grounding", "layers"),
+    ("run", "grounding_lead"): ("grounding", "lead"),
+    ("run", "grounding_start"): ("grounding", "start"),
+    ("data", "recovery_prob"): ("recovery", "prob"),
+}
+
+
 @dataclass
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)  # the demo's extra supervision
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,7 +182,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """A config from nested dicts; `preset` keys (top level, optim) apply first."""
-        d = dict(d)
+        d = _resolve_aliases(d)
         base = run_preset(d.pop("preset")).to_dict() if "preset" in d else cls().to_dict()
         unknown = sorted(set(d) - set(base))
         if unknown:
@@ -196,7 +201,9 @@ class TrainConfig:
             data=_build(DataConfig, merged["data"], "data"),
             optim=_build(OptimConfig, merged["optim"], "optim"),
             run=_build(RunConfig, merged["run"], "run"),
-        )
+            extras=ExtrasConfig(**{f.name: _build(type(getattr(ExtrasConfig(), f.name)), merged["extras"][f.name],
+                                                  f"extras.{f.name}") for f in dataclasses.fields(ExtrasConfig)}),
+        )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -209,6 +216,25 @@ class TrainConfig:
         else:
             raise ValueError(f"config: {p} must be a .toml or .json file")
         return cls.from_dict(d)
+
+
+def _resolve_aliases(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `d` with the extras' old keys (`ALIASES`) moved to their `extras` tables."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    extras = {k: dict(v) if isinstance(v, dict) else v for k, v in (d.get("extras") or {}).items()}
+    for (section, key), (table, name) in ALIASES.items():
+        if not isinstance(d.get(section), dict) or key not in d[section]:
+            continue
+        value = d[section].pop(key)
+        target = extras.setdefault(table, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"extras.{table} must be a table")
+        if name in target and target[name] != value:
+            raise ValueError(f"{section}.{key} and extras.{table}.{name} name the same setting; give one")
+        target[name] = value
+    if extras:
+        d["extras"] = extras
+    return d
 
 
 def _merge(defaults: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
@@ -251,36 +277,30 @@ DEMO_SCENE = {
 
 
 def _demo() -> TrainConfig:
-    # From nothing, in 45 CPU minutes: the dense image-token loss and attention grounding of
-    # training/dense.py stand in for the pre-trained vision tower the paper starts from.
+    """The demo model from nothing on the 2-core CPU, inside 45 minutes: the extras
+    (training/extras/) stand in for the pre-trained vision tower the paper starts from. How
+    these values were chosen and what they gave: models/molmo-demo/README.md ("History of the presets")."""
     return TrainConfig(
         model=ModelSpec(preset="demo"),
         data=DataConfig(scene=dict(DEMO_SCENE), clock_fraction=0.0, batch_size=8, max_len=1024,
-                        max_batch_tokens=2400, recovery_prob=0.5),
+                        max_batch_tokens=2400),
         optim=dataclasses.replace(OPTIM_PRESETS["demo"]),
-        # 0.6-0.8 s a step on the 2-core build machine (its speed varies with its neighbours):
-        # 3600 steps about fill the time limit, which keeps a slower run inside 45 minutes (the
-        # demo stopped at step 3430), and schedule_by_time moves the LR schedule along with the
-        # clock so it still decays fully.
-        # Grounding two layers and the object tokens' kind/colour loss: benchmarks/demo_ablation.py;
-        # grounding the tokens that open a point, order recovery, the 4-layer shape and what was
-        # tried beside them (grounding_start, 5 layers): full runs in benchmarks/RESULTS.md ("CPU:
-        # the demo model") and models/molmo-demo/README.md.
+        # More steps than fit the time limit: the limit ends the run on a machine of any speed,
+        # and schedule_by_time still decays the LR schedule fully by then.
         run=RunConfig(out_dir="runs/demo", steps=3600, log_every=10, save_every=100, eval_every=600,
                       eval_examples=8, threads=2, export_dir="models/molmo-demo", time_limit_s=2640,
-                      schedule_by_time=True,
-                      dense_loss=1.0, dense_object_attributes=1.0, grounding_loss=1.0,
-                      grounding_layers=(-2, -1), grounding_lead=True),
+                      schedule_by_time=True),
+        extras=ExtrasConfig(dense=DenseConfig(weight=1.0, object_attributes=1.0),
+                            grounding=GroundingConfig(weight=1.0, layers=(-2, -1), lead=True),
+                            recovery=RecoveryConfig(prob=0.5)),
     )  # fmt: skip
 
 
 def _demo_gpu() -> TrainConfig:
-    """The demo's recipe on one lent GPU (an H100's 15 minutes): the same model, data, losses
-    and learning rates, for 450 s of training. Twice the demo's batch in one forward (no
-    length-sorted split): on an H100 shared by two runs, a step of 16 images cost 126 ms against
-    92 ms for 8, and in the same 450 s it counted better (benchmarks/RESULTS.md; alone on the
-    GPU a step of 16 costs 86-88 ms). The images are rendered by 8 loader processes. fp32, as
-    the CPU demo trains (bf16 autocast is untried at this size); no quick evaluations."""
+    """The demo's recipe on one lent GPU (an H100's 15 minutes): the same model, data, extras
+    and learning rates, for 450 s of training, twice the demo's batch in one forward (no
+    length-sorted split), rendered by 8 loader processes; fp32, as the CPU demo trains; no
+    quick evaluations. Why: models/molmo-demo/README.md."""
     cfg = _demo()
     cfg.data = dataclasses.replace(cfg.data, batch_size=16, max_batch_tokens=0, num_workers=8)
     cfg.run = dataclasses.replace(cfg.run, out_dir="runs/demo-gpu", steps=20_000, device="cuda",

@@ -1,7 +1,7 @@
 """Where an answer's point coordinates sit among its tokens.
 
 Molmo writes a coordinate as digits and a dot right after `="` (`x2="45.3"`). The training
-losses that treat coordinates specially (attention grounding in `training/dense.py`, the
+losses that treat coordinates specially (attention grounding in `training/extras/grounding.py`, the
 loss mask of `Annotation.masked_points` in `training/packing.py`) find them the same way:
 number the coordinates in writing order, x of the first point being 0, its y 1, x of the
 second point 2, and so on.

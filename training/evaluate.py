@@ -1,6 +1,6 @@
 """Evaluation on held-out synthetic data: pointing, counting and clock reading.
 
-Queries come from the annotations of held-out examples (`training.synthetic`, split "test"
+Queries come from the annotations of held-out examples (`training.data.synthetic`, split "test"
 by default): "point" questions are scored for pointing, "count" questions for counting and
 "clock" questions for reading the time. A model answers them through an engine:
 
@@ -40,8 +40,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from molmo_model.points import parse_points
-from training.records import Example
-from training.shapes import inside
+from training.data.records import Example, inside
 
 COUNT_RANGE = (1, 10)  # counting accuracy is reported on queries with this many objects
 _COUNT_RE = re.compile(r"there (?:is|are) (\d+)", re.IGNORECASE)
@@ -272,7 +271,7 @@ def held_out_queries(
     tasks: Sequence[str] = ("point", "count", "clock"),
 ) -> list[Query]:
     """Queries of synthetic examples start..start+n-1 of `split` (a SyntheticConfig)."""
-    from training.data import SyntheticDataset
+    from training.data.synthetic import SyntheticDataset
 
     data = SyntheticDataset(split, n_examples, synthetic, start=start)
     return [q for i in range(len(data)) for q in queries_from_example(data[i], tasks)]

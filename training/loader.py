@@ -9,22 +9,24 @@ Rank r takes positions [r * B * A, (r + 1) * B * A) of the step, in A micro-batc
 Because a batch is a pure function of (step, rank), resuming at step s needs nothing but s,
 and a 2-process run sees exactly the global batch of a 1-process run with twice the
 per-device batch. `StepBatches` is a torch Dataset over steps, so a DataLoader's workers can
-render and pack ahead of the training loop.
+render and pack ahead of the training loop. The run's extras (training/supervision.py) may
+rewrite each example before it is packed (seeded by its stream position) and attach their
+targets to each packed sequence.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from molmo_model.preprocessing import MolmoPreprocessor
 from training.config import DataConfig
-from training.data import JsonlDataset, SyntheticDataset
-from training.dense import dense_targets, grounding_targets
+from training.data.jsonl import JsonlDataset
+from training.data.synthetic import SyntheticDataset
 from training.packing import Batch, collate, pack_example, split_annotations
-from training.recovery import recover_example
+from training.supervision import Extra
 
 
 def make_dataset(cfg: DataConfig) -> Dataset:
@@ -47,16 +49,10 @@ class StepBatches(Dataset):
         world_size: int = 1,
         start_step: int = 0,
         end_step: int = 1,
-        dense: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
-        grounding: int | None = None,
-        grounding_lead: bool = False,
-        grounding_start: bool = False,
+        extras: Sequence[Extra] = (),
     ) -> None:
         self.cfg, self.pre, self.tokens_per_crop = cfg, preprocessor, tokens_per_crop
-        self.dense = dense  # (kinds, colours): attach training.dense targets to each image
-        self.grounding = grounding  # the <im_patch> id: attach training.dense attention targets
-        self.grounding_lead = grounding_lead  # ... at the tokens opening a point too
-        self.grounding_start = grounding_start  # ... and at the answer's start, on all its objects
+        self.extras = tuple(extras)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.start_step, self.end_step = start_step, end_step
         self.dataset = make_dataset(cfg)
@@ -95,20 +91,15 @@ class StepBatches(Dataset):
         packed = []
         for p in positions:
             example = self.dataset[self.position_to_index(p)]
-            if self.cfg.recovery_prob > 0:  # seeded by the position: a batch is a function of its step
-                rng = random.Random(f"recovery:{self.seed}:{p}")
-                example = recover_example(example, self.cfg.recovery_prob, rng)
+            for extra in self.extras:
+                example = extra.prepare(example, self.seed, p)
             sources = [example] if self.cfg.pack else split_annotations(example)
             seqs = [pack_example(e, self.pre, self.cfg.max_len) for e in sources]
-            if self.dense is not None:
-                targets = dense_targets(example.metadata, *example.image.size, self.pre.config, *self.dense)
-                for seq in seqs:
-                    seq.dense = targets
-            if self.grounding is not None:
+            for extra in self.extras:
                 for seq, source in zip(seqs, sources, strict=True):
-                    seq.grounding = grounding_targets(source, seq, self.pre.config, self.pre.tokenizer,
-                                                      self.grounding, self.grounding_lead,
-                                                      self.grounding_start)  # fmt: skip
+                    targets = extra.targets(source, seq)
+                    if targets is not None:
+                        seq.extras[extra.name] = targets
             packed.extend(seqs)
         groups = [packed]
         if self.cfg.max_batch_tokens:

@@ -18,21 +18,39 @@ dropped; the first one is always kept, truncated if need be). `split_annotations
 one-annotation-per-sequence baseline. `collate` right-pads several packed sequences into a
 batch and concatenates their crops, offsetting `patch_order` as
 `molmo_model.generate.stack_image_inputs` does.
+
+Optional supervision (training/supervision.py) rides along in `extras`: a sequence's targets
+under the extra's name, joined into the batch's by the targets' own `batch` (`Targets`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from molmo_model.preprocessing import ImageInputs, MolmoPreprocessor, prompt_text
 from training.coordinates import coordinate_numbers
-from training.dense import DenseTargets, Grounding
-from training.records import Annotation, Example
+from training.data.records import Annotation, Example
 
 IGNORE = -100  # label value with no loss (torch cross_entropy's ignore_index)
 PAD_SEGMENT = -1
+
+
+class Targets(Protocol):
+    """An extra's targets: one sequence's, or a batch's once `batch` has joined them."""
+
+    def __len__(self) -> int:
+        """The terms its loss sums (images, queries): what the step divides that loss by."""
+        ...
+
+    def to(self, device: torch.device | str) -> Targets: ...
+
+    @classmethod
+    def batch(cls, items: list[tuple[int, int, Targets]]) -> Targets:
+        """Joins (batch row, index of that row's first crop in the batch's images, targets)."""
+        ...
 
 
 @dataclass
@@ -48,8 +66,7 @@ class PackedExample:
     n_annotations: int  # annotations packed (whole or truncated)
     n_dropped: int = 0  # annotations that did not fit in max_len
     kept: list[int] | None = None  # segment k + 1 holds the example's annotations[kept[k]]
-    dense: DenseTargets | None = None  # per-token targets of the global view (training.dense)
-    grounding: Grounding | None = None  # attention targets of the answers' coordinates (same)
+    extras: dict[str, Targets] = field(default_factory=dict)  # an extra's name -> its targets
 
     @property
     def length(self) -> int:
@@ -74,9 +91,7 @@ class Batch:
     patch_order: torch.Tensor | None  # int64 [M]: indexes the batch's pooled features [C * T]
     n_images: int
     n_annotations: int
-    dense: DenseTargets | None = None  # stacked [G, T] targets of the images that have them
-    dense_crops: torch.Tensor | None = None  # int64 [G]: the global-view crop of each, in `images`
-    grounding: Grounding | None = None  # all sequences' attention targets, `rows` set
+    extras: dict[str, Targets] = field(default_factory=dict)  # an extra's name -> the rows' targets
 
     @property
     def n_loss_tokens(self) -> int:
@@ -90,8 +105,7 @@ class Batch:
             move(self.input_ids), move(self.labels), move(self.position_ids),
             move(self.segment_ids), move(self.response_mask), move(self.images),
             move(self.image_masks), move(self.patch_order), self.n_images, self.n_annotations,
-            None if self.dense is None else self.dense.to(device), move(self.dense_crops),
-            None if self.grounding is None else self.grounding.to(device),
+            {name: t.to(device) for name, t in self.extras.items()},
         )  # fmt: skip
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
@@ -233,10 +247,11 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
     segment_ids = torch.full((b, s), PAD_SEGMENT, dtype=torch.long)
     response_mask = torch.zeros((b, s), dtype=torch.bool)
     images, masks, orders, offset = [], [], [], 0
-    dense, dense_crops, n_crops, grounding = [], [], 0, []
+    extras: dict[str, list[tuple[int, int, Targets]]] = {}
+    n_crops = 0  # crops of the rows before this one
     for i, e in enumerate(examples):
-        if e.grounding is not None:
-            grounding.append(e.grounding.for_row(i))
+        for name, targets in e.extras.items():
+            extras.setdefault(name, []).append((i, n_crops, targets))
         n = e.length
         input_ids[i, :n] = e.input_ids
         labels[i, :n] = e.labels
@@ -244,9 +259,6 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
         segment_ids[i, :n] = e.segment_ids
         response_mask[i, :n] = e.response_mask
         if e.image is not None:
-            if e.dense is not None:
-                dense.append(e.dense)
-                dense_crops.append(n_crops)  # the global view is each image's first crop
             n_crops += e.image.n_crops
             images.append(e.image.images)
             masks.append(e.image.image_masks)
@@ -263,7 +275,5 @@ def collate(examples: list[PackedExample], pad_id: int, tokens_per_crop: int) ->
         patch_order=torch.cat(orders) if orders else None,
         n_images=len(images),
         n_annotations=sum(e.n_annotations for e in examples),
-        dense=DenseTargets.stack(dense) if dense else None,
-        dense_crops=torch.tensor(dense_crops, dtype=torch.long) if dense else None,
-        grounding=Grounding.cat(grounding) if grounding else None,
+        extras={name: type(items[0][2]).batch(items) for name, items in extras.items()},
     )

@@ -19,7 +19,6 @@ fast `demo` schedule. `build_optimizer` makes one AdamW parameter group per comp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -92,12 +91,6 @@ OPTIM_PRESETS: dict[str, OptimConfig] = {
 }
 
 
-def optim_preset(name: str, **overrides) -> OptimConfig:
-    if name not in OPTIM_PRESETS:
-        raise ValueError(f"optim preset {name!r} is unknown; choose one of {sorted(OPTIM_PRESETS)}")
-    return dataclasses.replace(OPTIM_PRESETS[name], **overrides)
-
-
 def component_of(name: str) -> str:
     """The component a parameter of `MolmoForCausalLM` belongs to, from its (Ai2) name."""
     if ".vision_backbone.image_vit." in f".{name}":
@@ -128,11 +121,11 @@ def lr_factor(step: int, warmup: int, total: int, final_fraction: float) -> floa
 
 
 def build_optimizer(
-    model: nn.Module, config: OptimConfig, total_steps: int, head: nn.Module | None = None
+    model: nn.Module, config: OptimConfig, total_steps: int, heads: dict[str, nn.Module] | None = None
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with one group per component (empty components are left out) and its schedule.
-    A training-only `head` (training.dense) gets its own group, "dense", on the connector's
-    LR and warmup."""
+    Each training-only head (an extra's, training/supervision.py) gets a group of its own,
+    named as in `heads`, on the connector's LR and warmup."""
     groups = parameter_groups(model)
     names = [c for c in COMPONENTS if groups[c]]
     param_groups = [
@@ -144,9 +137,9 @@ def build_optimizer(
         }
         for c in names
     ]
-    if head is not None:
+    for name, head in (heads or {}).items():
         param_groups.append({"params": list(head.parameters()), "lr": config.lr("connector"),
-                             "component": "dense", "weight_decay": config.weight_decay})  # fmt: skip
+                             "component": name, "weight_decay": config.weight_decay})  # fmt: skip
         names.append("connector")  # the head's schedule
     # foreach=False keeps the update order fixed, so resumed runs match uninterrupted ones bit
     # for bit; the per-tensor loop costs nothing at the demo's sizes.

@@ -4,33 +4,23 @@
 colours `COLOURS`) plus distractor groups of other kinds/colours, of varied sizes, on a
 solid, gradient or noisy background. Objects never overlap (a free band of `gap` pixels
 is kept around each), so every one is distinctly pointable; each records its kind, colour
-and box, and its centre is the pointing target.
-
-`scene_annotations(scene)` asks several questions of one scene: pointing ("Point to all
-the red circles."), counting by pointing ("How many red circles are there?" ->
-"Counting the <points ...>red circles</points>, there are 3."), "There are none." for
-things not there, and a short dense caption behind a `long_caption 83:` length-hint prompt.
-Point targets are written by `molmo_model.points.format_points` in pixels of the image.
+and box, and its centre is the pointing target. What the scenes are asked is in
+`annotations.py`, their captions in `captions.py`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from molmo_model.points import format_points
-from training.records import Annotation
-from training.render import (
+from training.data.records import inside
+from training.data.synthetic.render import (
     BACKGROUNDS,
-    caption_prompt,
-    chat,
     check_range,
     check_subset,
     render_background,
@@ -49,33 +39,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 110, 185),
     "brown": (125, 75, 30),
 }
-
-POINT_TEMPLATES = (
-    "Point to all the {label}.",
-    "Point to the {label}.",
-    "Where are the {label}?",
-    "Show me where the {label} are.",
-    "Point to every one of the {label} in the image.",
-    "Find the {label} and point to them.",
-    "Can you point out the {label}?",
-    "Locate all the {label}.",
-)
-COUNT_TEMPLATES = (
-    "How many {label} are there?",
-    "How many {label} are in the image?",
-    "Count the {label}.",
-    "Count the {label} in this picture.",
-    "How many {label} can you see?",
-    "What is the number of {label} in the image?",
-)
-
-
-def inside(point: Sequence[float], box: Sequence[float]) -> bool:
-    """Whether (x, y) lies in the box (x0, y0, x1, y1), edges included: a hit for pointing."""
-    x, y = point
-    x0, y0, x1, y1 = box
-    return x0 <= x <= x1 and y0 <= y <= y1
-
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -285,146 +248,3 @@ def render_scene(seed: int, config: SceneConfig | None = None) -> Scene:
         _draw_shape(draw, kind, box, COLOURS[colour])
         objects.append(SceneObject(kind, colour, box))
     return Scene(image=image, objects=objects, target=target, background=phrase, seed=seed)
-
-
-def query_label(kind: str | None, colour: str | None) -> str:
-    """How a question names a set of shapes: "red circles", "stars", "blue shapes"."""
-    noun = PLURALS[kind] if kind is not None else "shapes"
-    return f"{colour} {noun}" if colour is not None else noun
-
-
-def count_answer(points: list[tuple[float, float]], label: str, width: int, height: int) -> str:
-    """Counting by pointing: the numbered points, then the count (the last point's number)."""
-    if not points:
-        return format_points([], label)  # "not present"
-    n = len(points)
-    verb = "is" if n == 1 else "are"
-    return f"Counting the {format_points(points, label, width=width, height=height)}, there {verb} {n}."
-
-
-def pointing_annotation(
-    scene: Scene, kind: str | None, colour: str | None, task: str, rng: random.Random
-) -> Annotation:
-    """A "point" or "count" question about the shapes of `kind` and `colour` (None = any)."""
-    objects = scene.matching(kind, colour)
-    label = query_label(kind, colour)
-    points = [o.centre for o in objects]
-    if task == "point":
-        question = rng.choice(POINT_TEMPLATES).format(label=label)
-        answer = format_points(points, label, width=scene.width, height=scene.height)
-    elif task == "count":
-        question = rng.choice(COUNT_TEMPLATES).format(label=label)
-        answer = count_answer(points, label, scene.width, scene.height)
-    else:
-        raise ValueError(f"task must be 'point' or 'count', got {task!r}")
-    info = {"kind": kind, "colour": colour, "count": len(objects)}
-    return Annotation(chat(question, answer), points=points, label=label, task=task, info=info)
-
-
-_NUMBER_WORDS = (
-    "no one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
-
-
-def _number_word(n: int) -> str:
-    return _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
-
-
-def _region(x: float, y: float, width: int, height: int) -> str:
-    row = ("top", "middle", "bottom")[min(2, int(3 * y / height))]
-    col = ("left", "centre", "right")[min(2, int(3 * x / width))]
-    if row == "middle":
-        return "in the centre" if col == "centre" else f"on the {col}"
-    return f"at the {row}" if col == "centre" else f"in the {row} {col}"
-
-
-def _whereabouts(centres: list[tuple[float, float]], width: int, height: int) -> str:
-    """Where a group of shapes is: one ninth of the image, one half, or all over."""
-    regions = {_region(x, y, width, height) for x, y in centres}
-    if len(regions) == 1:
-        return regions.pop()
-    xs, ys = [x for x, _ in centres], [y for _, y in centres]
-    for inside, phrase in (
-        (max(ys) < height / 2, "in the upper half"),
-        (min(ys) >= height / 2, "in the lower half"),
-        (max(xs) < width / 2, "in the left half"),
-        (min(xs) >= width / 2, "in the right half"),
-    ):
-        if inside:
-            return phrase
-    return "spread across the image"
-
-
-def describe_scene(scene: Scene) -> str:
-    """A short dense caption: the background, what shapes there are, and where."""
-    n = len(scene.objects)
-    size = f"A {scene.width} by {scene.height} picture"
-    if n == 0:
-        return f"{size} of {scene.background} with no shapes on it."
-    groups = Counter((o.colour, o.kind) for o in scene.objects)
-    order = sorted(groups, key=lambda g: (-groups[g], g))
-    names = {g: f"{g[0]} {PLURALS[g[1]] if groups[g] > 1 else g[1]}" for g in order}
-    listed = [f"{_number_word(groups[g])} {names[g]}" for g in order]
-    shapes = "shape" if n == 1 else "shapes"
-    sentences = [f"{size} of {_number_word(n)} flat {shapes} on {scene.background}."]
-    sentences.append(f"There {'is' if n == 1 else 'are'} {_join(listed)}.")
-    places = []
-    for g in order:
-        centres = [o.centre for o in scene.matching(g[1], g[0])]
-        verb = "is" if len(centres) == 1 else "are"
-        places.append(f"the {names[g]} {verb} {_whereabouts(centres, scene.width, scene.height)}")
-    sentences.append(_join(places)[0].upper() + _join(places)[1:] + ".")
-    return " ".join(sentences)
-
-
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def scene_annotations(scene: Scene, config: SceneConfig | None = None) -> list[Annotation]:
-    """Several annotations of one scene, for multi-annotation packing.
-
-    Always a point or count question about the target kind+colour; up to
-    `max_questions - 1` more about other present kinds, colours or kind+colour groups; with
-    `absent_prob` one about a kind+colour that is not there ("There are none."); with
-    `caption_prob` a dense caption behind a `long_caption` prompt.
-    """
-    cfg = config or SceneConfig()
-    rng = rng_for(scene.seed, "scene-qa")
-    queries: list[tuple[str | None, str | None]] = [scene.target]
-    present = sorted({(o.kind, o.colour) for o in scene.objects} - {scene.target})
-    kinds = sorted({o.kind for o in scene.objects})
-    colours = sorted({o.colour for o in scene.objects})
-    pools: list[list[tuple[str | None, str | None]]] = [
-        list(present),
-        [(k, None) for k in kinds],
-        [(None, c) for c in colours],
-    ]
-    # A kind-only or colour-only question that picks the same shapes as one already asked
-    # adds nothing; every question here selects a different set.
-    asked = {frozenset(scene.matching(*scene.target))}
-    for _ in range(rng.randint(0, cfg.max_questions - 1)):
-        pool = rng.choices(pools, weights=(3, 1, 1))[0]
-        fresh = [q for q in pool if frozenset(scene.matching(*q)) not in asked]
-        if fresh:
-            query = rng.choice(fresh)
-            queries.append(query)
-            asked.add(frozenset(scene.matching(*query)))
-    if rng.random() < cfg.absent_prob:
-        absent = [(k, c) for k in cfg.kinds for c in cfg.colours if not scene.matching(k, c)]
-        if absent:
-            queries.append(rng.choice(absent))
-
-    annotations = [
-        pointing_annotation(scene, kind, colour, rng.choice(("point", "count")), rng)
-        for kind, colour in queries
-    ]
-    if rng.random() < cfg.caption_prob:
-        caption = describe_scene(scene)
-        prompt, hint = caption_prompt(caption, rng, cfg.hint_prob)
-        annotations.append(
-            Annotation(chat(prompt, caption), task="caption", info={"length_hint": hint})
-        )
-    rng.shuffle(annotations)
-    return annotations

@@ -1,7 +1,6 @@
-"""Pieces shared by the synthetic generators (`shapes.py`, `clocks.py`).
+"""Pieces shared by the synthetic generators (`scenes.py`, `clocks.py`).
 
-Seeded random streams, backgrounds (solid, gradient, noise), chat turns, and the paper's
-caption length hints (`long_caption 83:`).
+Seeded random streams, config range checks, backgrounds (solid, gradient, noise) and chat turns.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 BACKGROUNDS = ("solid", "gradient", "noise")
-# Muted backgrounds, far from every object colour in shapes.COLOURS.
+# Muted backgrounds, far from every object colour in scenes.COLOURS.
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (246, 246, 242),
     "light grey": (205, 205, 205),
@@ -81,18 +80,3 @@ def render_background(
 def chat(question: str, answer: str) -> list[dict[str, str]]:
     """One user turn and one assistant turn."""
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-
-
-def length_hint(text: str, rng: random.Random) -> int:
-    """The paper's noisy length hint: (characters + N(0, 25)) // 15, at least 0."""
-    return max(0, int((len(text) + rng.gauss(0.0, 25.0)) // 15))
-
-
-def caption_prompt(
-    caption: str, rng: random.Random, hint_prob: float = 0.9
-) -> tuple[str, int | None]:
-    """(`long_caption 83:`, 83) `hint_prob` of the time, else (`long_caption:`, None)."""
-    if rng.random() < hint_prob:
-        hint = length_hint(caption, rng)
-        return f"long_caption {hint}:", hint
-    return "long_caption:", None

@@ -3,12 +3,16 @@
 An `Example` is one image plus a list of `Annotation`s (question/answer chats about that
 image). Multi-annotation training packs all of them into one sequence after the image, so
 datasets hand out whole images, never single QA pairs. Both the synthetic generators
-(`training/synthetic.py`) and the JSONL loader (`training/data.py`) produce these, so the
-trainer and the evaluation see one type.
+(`training/data/synthetic/`) and the JSONL loader (`training/data/jsonl.py`) produce these,
+so the trainer and the evaluation see one type.
+
+Objects an image's metadata lists (`metadata["objects"]`: kind, colour, `box` and centre in
+pixels) are hit by a point as `inside` says; scoring and the grounding targets share it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +33,7 @@ class Annotation:
     task: str | None = None  # free-form tag: "point", "count", "caption", "clock", ...
     info: dict[str, Any] = field(default_factory=dict)  # JSON-safe facts for evaluation
     # Points (0-based, in the order the answer writes them) whose x carries no loss: a
-    # training augmentation's deliberate wrong turn (training/recovery.py).
+    # training augmentation's deliberate wrong turn (training/extras/recovery.py).
     masked_points: tuple[int, ...] = ()
 
     @property
@@ -65,3 +69,10 @@ class Example:
     metadata: dict[str, Any] = field(
         default_factory=dict
     )  # JSON-safe (objects, clock geometry, ...)
+
+
+def inside(point: Sequence[float], box: Sequence[float]) -> bool:
+    """Whether (x, y) lies in the box (x0, y0, x1, y1), edges included: a hit for pointing."""
+    x, y = point
+    x0, y0, x1, y1 = box
+    return x0 <= x <= x1 and y0 <= y <= y1

@@ -16,18 +16,20 @@ end, which does not change. The model so learns to come back for an object it pa
 the states its own slips lead to, as in DAgger-style training (Ross et al., 2011).
 
 `recover_example(example, prob, rng)` applies it to each pointing or counting annotation of
-an image with probability `prob` (`data.recovery_prob`); the loader calls it on training
-batches only, with a generator seeded by the stream position, so batches stay a pure function
-of the step.
+an image with probability `prob` (`extras.recovery.prob`); `RecoveryExtra` has the loader call
+it on training batches only, with a generator seeded by the stream position, so batches stay a
+pure function of the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass
 
 from molmo_model.points import format_points, reading_order
-from training.records import Annotation, Example
+from training.data.records import Annotation, Example
+from training.supervision import Extra
 
 ROW = 0.12  # two centres this close in height (a fraction of it) are in one row
 
@@ -71,3 +73,27 @@ def recover_example(example: Example, prob: float, rng: random.Random) -> Exampl
         new = recover_order(annotation, width, height, rng) if rng.random() < prob else None
         annotations.append(new or annotation)
     return dataclasses.replace(example, annotations=annotations)
+
+
+@dataclass
+class RecoveryConfig:
+    """`[extras.recovery]`: order recovery in the pointing answers."""
+
+    prob: float = 0.0  # chance a pointing answer is rewritten to go back for a passed object; 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"extras.recovery.prob must be in [0, 1], got {self.prob}")
+
+
+class RecoveryExtra(Extra):
+    """Rewrites examples before packing; adds no loss of its own (the wrong turn's x is masked)."""
+
+    name = "recovery"
+
+    def __init__(self, config: RecoveryConfig) -> None:
+        self.config = config
+
+    def prepare(self, example: Example, seed: int, position: int) -> Example:
+        # Seeded by the position: a batch is a function of its step.
+        return recover_example(example, self.config.prob, random.Random(f"recovery:{seed}:{position}"))

@@ -1,90 +1,28 @@
-"""Synthetic PixMo-style training data: shape scenes to point at and count, and clocks to read.
-
-The generators live in `training/shapes.py` (PixMo-Points / PixMo-Count style scenes) and
-`training/clocks.py` (PixMo-Clocks style watch faces); this module re-exports them and
-adds what turns them into a dataset:
+"""The synthetic mixture as a dataset: seeded splits of shape scenes and clocks.
 
 - `split_seed(split, index)`: splits own disjoint seed ranges, so train, val and test never
   share an image.
-- `SyntheticConfig` and `make_example(split, index, config)`: one `training.records.Example`
+- `SyntheticConfig` and `make_example(split, index, config)`: one `training.data.records.Example`
   (the image, several annotations for multi-annotation packing, and metadata with every
   object's kind, colour, box and centre, or the clock's geometry) — a pure function of its
   arguments: the same call gives identical image bytes and annotations.
-
-To look at some, write them to disk with `python -m training.data` (see there).
+- `SyntheticDataset(split, size)` serves them on the fly; `write_synthetic_split` writes them
+  in the JSONL format (`python -m training.data OUT_DIR --split train --size 1000`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from training.clocks import (
-    CLOCK_TEMPLATES,
-    HHMM_QUESTION,
-    Clock,
-    ClockConfig,
-    clock_annotations,
-    render_clock,
-)
-from training.records import Annotation, Example
-from training.render import (
-    BACKGROUNDS,
-    caption_prompt,
-    length_hint,
-    render_background,
-    rng_for,
-)
-from training.shapes import (
-    COLOURS,
-    COUNT_TEMPLATES,
-    PLURALS,
-    POINT_TEMPLATES,
-    SHAPE_KINDS,
-    Scene,
-    SceneConfig,
-    SceneObject,
-    count_answer,
-    describe_scene,
-    pointing_annotation,
-    query_label,
-    render_scene,
-    scene_annotations,
-)
+from torch.utils.data import Dataset
 
-__all__ = [
-    "BACKGROUNDS",
-    "CLOCK_TEMPLATES",
-    "COLOURS",
-    "COUNT_TEMPLATES",
-    "HHMM_QUESTION",
-    "PLURALS",
-    "POINT_TEMPLATES",
-    "SHAPE_KINDS",
-    "SPLITS",
-    "SPLIT_CAPACITY",
-    "Annotation",
-    "Clock",
-    "ClockConfig",
-    "Example",
-    "Scene",
-    "SceneConfig",
-    "SceneObject",
-    "SyntheticConfig",
-    "caption_prompt",
-    "clock_annotations",
-    "count_answer",
-    "describe_scene",
-    "length_hint",
-    "make_example",
-    "pointing_annotation",
-    "query_label",
-    "render_background",
-    "render_clock",
-    "render_scene",
-    "scene_annotations",
-    "split_of_seed",
-    "split_seed",
-]
+from training.data.jsonl import write_jsonl
+from training.data.records import Example
+from training.data.synthetic.annotations import scene_annotations
+from training.data.synthetic.clocks import ClockConfig, clock_annotations, render_clock
+from training.data.synthetic.render import rng_for
+from training.data.synthetic.scenes import SceneConfig, render_scene
 
 SPLITS = ("train", "val", "test")
 SPLIT_CAPACITY = 10**12  # examples per split; split k owns seeds [k * capacity, (k + 1) * capacity)
@@ -139,3 +77,36 @@ def make_example(split: str, index: int, config: SyntheticConfig | None = None) 
         "objects": [o.to_dict() for o in scene.objects],
     }
     return Example(scene.image, scene_annotations(scene, cfg.scene), metadata)
+
+
+class SyntheticDataset(Dataset):
+    """Synthetic examples `start .. start + size - 1` of a split, generated on the fly."""
+
+    def __init__(
+        self, split: str, size: int, config: SyntheticConfig | None = None, start: int = 0
+    ) -> None:
+        split_seed(split, start)  # checks split and start
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.split, self.size, self.start = split, size, start
+        self.config = config or SyntheticConfig()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Example:
+        if not -self.size <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} examples")
+        return make_example(self.split, self.start + index % self.size, self.config)
+
+
+def write_synthetic_split(
+    out_dir: str | Path,
+    split: str,
+    size: int,
+    config: SyntheticConfig | None = None,
+    start: int = 0,
+) -> Path:
+    """Write synthetic examples `start .. start + size - 1` of `split` as `out_dir/{split}.jsonl`."""
+    dataset = SyntheticDataset(split, size, config, start)
+    return write_jsonl((dataset[i] for i in range(len(dataset))), out_dir, name=split)

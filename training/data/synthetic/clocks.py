@@ -20,8 +20,15 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.records import Annotation
-from training.render import BACKGROUNDS, chat, check_range, check_subset, render_background, rng_for
+from training.data.records import Annotation
+from training.data.synthetic.render import (
+    BACKGROUNDS,
+    chat,
+    check_range,
+    check_subset,
+    render_background,
+    rng_for,
+)
 
 CLOCK_TEMPLATES = (
     "What time is it?",

@@ -1,6 +1,6 @@
-"""Training data: a JSONL format for your own images, and the Datasets the trainer reads.
+"""The JSONL format for your own training images, its reader and its writer.
 
-Every dataset here yields `training.records.Example`: one RGB PIL image, the list of its
+Every dataset yields `training.records.Example`: one RGB PIL image, the list of its
 `Annotation`s (chats about the image; all of them are packed into one training sequence,
 Molmo's multi-annotation training), and a metadata dict.
 
@@ -51,16 +51,13 @@ Unknown fields are errors, since they are usually typos. A bad line raises Value
 naming the file, the line number and the field, e.g.
 `data.jsonl:7: annotations[0].messages[1].role: must be "user" or "assistant", got "bot"`.
 
-Datasets: `JsonlDataset(path)` reads such a file; `SyntheticDataset(split, size)` generates
-examples on the fly from seeds; `write_synthetic_split(out_dir, split, size)` writes a
-synthetic split in this format (PNG images), so it can also go through `JsonlDataset`.
-
-    python -m training.data OUT_DIR --split train --size 1000
+`JsonlDataset(path)` reads such a file; `write_jsonl(examples, out_dir)` writes examples in
+this format (PNG images). A synthetic split written this way (`python -m training.data OUT_DIR
+--split train --size 1000`, training/data/synthetic/) also goes through `JsonlDataset`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -72,8 +69,7 @@ from torch.utils.data import Dataset
 
 from molmo_model.images import ImageError, load_image
 from molmo_model.points import format_points
-from training.records import ROLES, Annotation, Example
-from training.synthetic import SPLITS, SyntheticConfig, make_example, split_seed
+from training.data.records import ROLES, Annotation, Example
 
 LINE_FIELDS = ("image", "annotations", "metadata")
 ANNOTATION_FIELDS = ("messages", "points", "label", "task", "info")
@@ -248,27 +244,6 @@ class JsonlDataset(Dataset):
         return load_record(self.records[index])
 
 
-class SyntheticDataset(Dataset):
-    """Synthetic examples `start .. start + size - 1` of a split, generated on the fly."""
-
-    def __init__(
-        self, split: str, size: int, config: SyntheticConfig | None = None, start: int = 0
-    ) -> None:
-        split_seed(split, start)  # checks split and start
-        if size < 0:
-            raise ValueError(f"size must be >= 0, got {size}")
-        self.split, self.size, self.start = split, size, start
-        self.config = config or SyntheticConfig()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> Example:
-        if not -self.size <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} examples")
-        return make_example(self.split, self.start + index % self.size, self.config)
-
-
 def write_jsonl(examples: Iterable[Example], out_dir: str | Path, name: str = "data") -> Path:
     """Write examples as `out_dir/name.jsonl` with PNG images under `out_dir/images/`."""
     out = Path(out_dir)
@@ -283,32 +258,3 @@ def write_jsonl(examples: Iterable[Example], out_dir: str | Path, name: str = "d
                 line["metadata"] = example.metadata
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return path
-
-
-def write_synthetic_split(
-    out_dir: str | Path,
-    split: str,
-    size: int,
-    config: SyntheticConfig | None = None,
-    start: int = 0,
-) -> Path:
-    """Write synthetic examples `start .. start + size - 1` of `split` as `out_dir/{split}.jsonl`."""
-    dataset = SyntheticDataset(split, size, config, start)
-    return write_jsonl((dataset[i] for i in range(len(dataset))), out_dir, name=split)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic split as JSONL + PNG images.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--split", default="train", choices=SPLITS)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--clock-fraction", type=float, default=0.2)
-    args = parser.parse_args(argv)
-    config = SyntheticConfig(clock_fraction=args.clock_fraction)
-    path = write_synthetic_split(args.out_dir, args.split, args.size, config, args.start)
-    print(f"wrote {args.size} examples to {path}")
-
-
-if __name__ == "__main__":
-    main()
