@@ -1,7 +1,7 @@
 """`molmo eval` through both engines: vLLM (what users get, and what the demo's bar is read
 from) and the PyTorch reference generator answer the same held-out questions alike.
 
-One tiny checkpoint with decisive logits (tests/vllm_helpers.py), a few synthetic scenes, the
+One tiny checkpoint with decisive logits (conftest.py's `decisive_checkpoint`), a few synthetic scenes, the
 real CLI in a subprocess for each engine; vLLM runs in float32 (`--dtype`), where its greedy
 answers must equal the reference's.
 """
@@ -9,32 +9,31 @@ answers must equal the reference's.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from vllm_helpers import decisive_tiny_checkpoint
+from helpers import ROOT, require_vllm_marker
 
 from molmo_model.points import parse_points
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vllm
 
 
 def _eval(model: Path, out: Path, *args: str) -> dict:
     cmd = [sys.executable, "-m", "training.cli", "eval", "--model", str(model), "--examples", "2",
            "--tasks", "point,count", "--max-new-tokens", "48", "--answers", "--out", str(out), *args]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports(tmp_path_factory, decisive_checkpoint):
     root = tmp_path_factory.mktemp("eval_engines")
-    model, _, _ = decisive_tiny_checkpoint(root / "model")
+    model, _, _ = decisive_checkpoint
+    require_vllm_marker()
     vllm = _eval(model, root / "vllm.json", "--engine", "vllm", "--dtype", "float32")
     reference = _eval(model, root / "reference.json", "--engine", "reference")
     return vllm, reference

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from official_config import OFFICIAL_FIELDS, REMOTE_CODE_FIELDS
+from helpers import OFFICIAL_FIELDS, REMOTE_CODE_FIELDS
 
 from molmo_model.checkpoint import (
     CheckpointError,
@@ -46,6 +46,7 @@ def test_official_config_loads_with_7b_d_defaults():
     assert cfg.vision.vit_layers == (-2, -9) and cfg.vision.pooled_dim == 2048
     assert cfg.preprocess.crop_size == 336 and cfg.preprocess.max_crops == 12
     assert cfg.preprocess.overlap_margins == (4, 4)
+    assert cfg.preprocess.image_mask_rule == "ai2"  # no field: the rule Ai2 trained with
     # Our own config writes every official field with the same value.
     ours = get_preset("molmo-7b-d").to_hf_dict()
     for k, v in OFFICIAL_FIELDS.items():
@@ -58,6 +59,9 @@ def test_config_roundtrip_and_validation():
     cfg = tiny()
     again = MolmoConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
     assert again == cfg
+    demo = get_preset("demo")
+    assert demo.to_hf_dict()["image_mask_rule"] == "per_crop"
+    assert MolmoConfig.from_hf_dict(demo.to_hf_dict()).preprocess.image_mask_rule == "per_crop"
     with pytest.raises(ValueError, match="num_attention_heads"):
         MolmoConfig.from_hf_dict({**cfg.to_hf_dict(), "num_attention_heads": 3})
     with pytest.raises(ValueError, match="vit_layers"):
@@ -146,6 +150,7 @@ def test_pad_embed_applies_by_mask(model: MolmoForCausalLM):
     geo = model.config.preprocess
     x = torch.randn(1, geo.num_patches, geo.patch_pixels)
     full = vb(x, torch.ones(1, geo.num_patches))
+    saved = vb.pad_embed.detach().clone()  # the module fixture is shared: restored bit for bit
     with torch.no_grad():
         vb.pad_embed.add_(1.0)
     try:
@@ -154,7 +159,27 @@ def test_pad_embed_applies_by_mask(model: MolmoForCausalLM):
         assert not torch.allclose(vb(x, torch.full((1, geo.num_patches), 0.5)), full)
     finally:
         with torch.no_grad():
-            vb.pad_embed.sub_(1.0)
+            vb.pad_embed.copy_(saved)
+
+
+@pytest.mark.parametrize("rule", ["ai2", "per_crop"])
+def test_pad_embed_follows_the_mask_rule(rule: str):
+    config = tiny()
+    config.preprocess.image_mask_rule = rule
+    torch.manual_seed(0)
+    vb = MolmoForCausalLM(config).init_weights(std=0.05, seed=0).eval().model.vision_backbone
+    geo = config.preprocess
+    x = torch.randn(1, geo.num_patches, geo.patch_pixels)
+    with torch.no_grad():
+        vb.pad_embed[0].normal_()
+        vb.pad_embed[1].normal_()
+        full = vb(x, torch.ones(1, geo.num_patches))
+        partial = vb(x, torch.full((1, geo.num_patches), 0.5))
+        last_crop = vb(x, torch.full((1, geo.num_patches), -1.0))  # Ai2's rule's last crop
+    assert not torch.allclose(partial, full)
+    # Ai2's backbone counts -1 as partial padding; -1 never occurs under the per-crop rule.
+    want = partial if rule == "ai2" else full
+    torch.testing.assert_close(last_crop, want, rtol=0, atol=0)
 
 
 def test_kv_cache_decoding_equals_full_forward(model: MolmoForCausalLM):
@@ -217,10 +242,7 @@ def test_loss_and_segment_attention(model: MolmoForCausalLM):
     assert not torch.allclose(a[0, 15:19], b[0, 15:19])
 
 
-def test_save_load_identical_logits(tmp_path, model: MolmoForCausalLM):
-    from molmo_model.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
+def test_save_load_identical_logits(tmp_path, tok):
     cfg = tiny(vocab_size=tok.embedding_size)
     m = MolmoForCausalLM(cfg, im_patch_id=tok.im_patch_id).init_weights(std=0.05, seed=1).eval()
     save_checkpoint(m, tmp_path / "ck", tok)
@@ -253,10 +275,7 @@ def test_loading_is_strict_and_names_tensors(tmp_path):
     assert "model.vision_backbone.pad_embed: checkpoint (3, 5)" in msg
 
 
-def test_sharded_save_loads(tmp_path):
-    from molmo_model.tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
+def test_sharded_save_loads(tmp_path, tok):
     m = MolmoForCausalLM(tiny(vocab_size=tok.embedding_size), im_patch_id=tok.im_patch_id)
     m.init_weights(seed=2)
     out = save_checkpoint(m, tmp_path / "sh", tok, max_shard_bytes=1 << 20)

@@ -1,6 +1,6 @@
 """Tests of Molmo's multi-crop preprocessor, image loading and prompt format.
 
-Run: PYTHONPATH=. pytest tests/test_preprocessing.py -q
+Run: pytest tests/test_preprocessing.py -q
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import encode_image, noise_image
 from PIL import Image
 
 from molmo_model.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
@@ -26,26 +27,16 @@ from molmo_model.preprocessing import (
     load_image,
     prompt_text,
 )
-from molmo_model.tokenizer import build_tokenizer
 
-CFG = PreprocessConfig()
+# Each crop's own mask row (what the mask checks below measure); Ai2's rule shifts the rows.
+CFG = PreprocessConfig(image_mask_rule="per_crop")
 T = CFG.tokens_per_side  # 12
 TPC = T * T  # pooled features per crop
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def pre(tok):
     return MolmoPreprocessor(CFG, tok)
-
-
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def count(tokens: list[int], token_id: int) -> int:
@@ -278,21 +269,29 @@ def test_over_max_crops_large_photo(pre):
     assert torch.isfinite(inputs.images).all()
 
 
-def test_ai2_mask_layout_shifts_rows(tok):
+def test_ai2_mask_rule_shifts_rows(tok):
     image = noise_image(640, 100)
-    ours = MolmoPreprocessor(CFG, tok).preprocess(image).image_masks
-    ai2 = MolmoPreprocessor(CFG, tok, ai2_mask_layout=True).preprocess(image).image_masks
-    torch.testing.assert_close(ai2[:-1], ours[1:])
-    assert (ai2[-1] == -1).all()
+    per_crop = MolmoPreprocessor(CFG, tok).preprocess(image)
+    ai2 = MolmoPreprocessor(PreprocessConfig(), tok).preprocess(image)  # the default rule
+    assert PreprocessConfig().image_mask_rule == "ai2"
+    torch.testing.assert_close(ai2.image_masks[:-1], per_crop.image_masks[1:])
+    assert (ai2.image_masks[-1] == -1).all()
+    torch.testing.assert_close(ai2.images, per_crop.images)  # only the masks differ
+    # Ai2's example: a 336x336 image has mask rows [1.0, -1.0].
+    square = MolmoPreprocessor(PreprocessConfig(), tok).preprocess(noise_image(336, 336))
+    assert square.image_masks[:, 0].tolist() == [1.0, -1.0]
+
+
+def test_unknown_mask_rule_is_an_error():
+    with pytest.raises(ValueError, match="image_mask_rule"):
+        PreprocessConfig(image_mask_rule="shifted")
 
 
 def test_preprocess_accepts_bytes_and_paths(pre, tmp_path):
     image = noise_image(300, 200)
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    (tmp_path / "a.png").write_bytes(encode_image(image))
     a = pre.preprocess(image)
-    b = pre.preprocess(buf.getvalue())
+    b = pre.preprocess(encode_image(image))
     c = pre.preprocess(tmp_path / "a.png")
     torch.testing.assert_close(a.images, b.images)
     torch.testing.assert_close(a.images, c.images)
@@ -303,18 +302,11 @@ def test_preprocess_accepts_bytes_and_paths(pre, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def test_exif_orientation_is_applied():
     image = Image.new("RGB", (60, 40), (200, 10, 10))
     image.paste((10, 10, 200), (0, 0, 30, 40))  # left half blue
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored rotated: display needs 90 degrees clockwise
-    loaded = load_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95))
+    # Stored rotated: display needs 90 degrees clockwise (EXIF orientation 6).
+    loaded = load_image(encode_image(image, "JPEG", orientation=6, quality=95))
     assert loaded.size == (40, 60)
     # The stored left half (blue) ends up at the top after a clockwise rotation.
     top, bottom = np.array(loaded)[5, 20], np.array(loaded)[55, 20]
@@ -323,23 +315,21 @@ def test_exif_orientation_is_applied():
 
 def test_orientation_changes_the_grid(pre):
     image = noise_image(640, 480)
-    exif = Image.Exif()
-    exif[0x0112] = 8
-    inputs = pre.preprocess(encode(image, "JPEG", exif=exif.tobytes()))
+    inputs = pre.preprocess(encode_image(image, "JPEG", orientation=8))
     assert (inputs.width, inputs.height, inputs.rows, inputs.cols) == (480, 640, 3, 2)
 
 
 def test_mode_l_p_cmyk():
     gray = Image.new("L", (4, 4), 77)
     assert load_image(gray).mode == "RGB"
-    assert np.array(load_image(encode(gray, "PNG")))[0, 0].tolist() == [77, 77, 77]
+    assert np.array(load_image(encode_image(gray, "PNG")))[0, 0].tolist() == [77, 77, 77]
 
     pal = Image.new("P", (4, 4), 1)
     pal.putpalette([0, 0, 0, 10, 200, 30])
-    assert np.array(load_image(encode(pal, "PNG")))[0, 0].tolist() == [10, 200, 30]
+    assert np.array(load_image(encode_image(pal, "PNG")))[0, 0].tolist() == [10, 200, 30]
 
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red
-    rgb = np.array(load_image(encode(cmyk, "JPEG", quality=100)))[0, 0]
+    rgb = np.array(load_image(encode_image(cmyk, "JPEG", quality=100)))[0, 0]
     assert rgb[0] > 240 and rgb[1] < 15 and rgb[2] < 15
 
 
@@ -347,7 +337,7 @@ def test_transparency_composites_on_white():
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # transparent black
     rgba.putpixel((0, 0), (255, 0, 0, 255))  # one opaque red pixel
     rgba.putpixel((1, 0), (0, 0, 255, 128))  # half-transparent blue
-    out = np.array(load_image(encode(rgba, "PNG")))
+    out = np.array(load_image(encode_image(rgba, "PNG")))
     assert out[0, 0].tolist() == [255, 0, 0]
     assert out[3, 3].tolist() == [255, 255, 255]
     assert abs(int(out[0, 1, 0]) - 127) <= 1 and out[0, 1, 2] == 255
@@ -358,14 +348,14 @@ def test_transparency_composites_on_white():
     pal = Image.new("P", (2, 2), 0)
     pal.putpalette([0, 0, 0, 9, 9, 9])
     pal.info["transparency"] = 0
-    assert np.array(load_image(encode(pal, "PNG")))[0, 0].tolist() == [255, 255, 255]
+    assert np.array(load_image(encode_image(pal, "PNG")))[0, 0].tolist() == [255, 255, 255]
 
 
 def test_sixteen_bit_and_float_modes_scale_not_clip():
     values = np.array([[0, 32896, 65535]], dtype=np.uint16)
     im16 = Image.fromarray(values)
     assert im16.mode == "I;16"
-    for image in (im16, Image.open(io.BytesIO(encode(im16, "PNG")))):
+    for image in (im16, Image.open(io.BytesIO(encode_image(im16, "PNG")))):
         assert np.array(load_image(image))[0, :, 0].tolist() == [0, 128, 255]
     as_i = Image.fromarray(values.astype(np.int32), mode="I")
     assert np.array(load_image(as_i))[0, :, 0].tolist() == [0, 128, 255]
@@ -401,10 +391,10 @@ def test_bad_bytes_raise_image_error(data, message):
 
 
 def test_truncated_and_corrupt_files_raise_image_error():
-    jpeg = encode(noise_image(200, 200), "JPEG")
+    jpeg = encode_image(noise_image(200, 200), "JPEG")
     with pytest.raises(ImageError):
         load_image(jpeg[: len(jpeg) // 2])
-    png = encode(noise_image(64, 64), "PNG")
+    png = encode_image(noise_image(64, 64), "PNG")
     with pytest.raises(ImageError):
         load_image(png[:200])
     corrupt = bytearray(png)

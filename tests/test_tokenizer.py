@@ -30,14 +30,6 @@ SAMPLES = [
 ]
 
 
-_TOK = build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tok() -> MolmoTokenizer:
-    return _TOK
-
-
 def test_special_ids_and_sizes(tok):
     assert tok.vocab_size == tok.embedding_size == 512 == tiny().llm.embedding_size
     assert tok.bos_id == tok.eos_id == tok.pad_id == tok.token_to_id(EOS_TOKEN) < 512
@@ -71,8 +63,8 @@ def test_decode_inverts_encode(tok, s):
 
 @given(st.text(max_size=200))
 @settings(max_examples=200, deadline=None)
-def test_decode_inverts_encode_any_unicode(s):
-    assert _TOK.decode(_TOK.encode(s)) == s
+def test_decode_inverts_encode_any_unicode(tok, s):
+    assert tok.decode(tok.encode(s)) == s
 
 
 def test_special_strings_in_text_are_plain_text_unless_allowed(tok):

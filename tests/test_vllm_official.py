@@ -8,7 +8,7 @@ config.json holds exactly the fields of the official release (no vision fields, 
 generated into tmp_path at test time. The engine must build the tower from the defaults,
 load every Ai2-named tensor, and answer with the reference generator's greedy tokens.
 
-Run: VLLM_CPU_KVCACHE_SPACE=1 pytest tests/test_vllm_official.py -m vllm -q
+Run: pytest tests/test_vllm_official.py -q
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import json
 
 import pytest
 import torch
-from official_config import OFFICIAL_FIELDS
-from vllm_helpers import HEAD_SCALE, assert_same_greedy, blocks_image, vllm_engine
+from helpers import HEAD_SCALE, OFFICIAL_FIELDS, assert_same_greedy, blocks_image, vllm_engine
 
 from molmo_model.checkpoint import load_checkpoint, save_checkpoint
 from molmo_model.config import MolmoConfig

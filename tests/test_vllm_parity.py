@@ -10,19 +10,13 @@ One engine for the whole module (eager, float32). Proves:
 - 16 concurrent requests with different images give the tokens they give one at a time;
 - a prompt with a wrong number of placeholders is refused with a message saying so.
 
-Run: VLLM_CPU_KVCACHE_SPACE=1 pytest tests/test_vllm_parity.py -m vllm -q
+Run: pytest tests/test_vllm_parity.py -q
 """
 
 from __future__ import annotations
 
 import pytest
-from vllm_helpers import (
-    assert_same_greedy,
-    blocks_image,
-    decisive_tiny_checkpoint,
-    noise_image,
-    vllm_engine,
-)
+from helpers import assert_same_greedy, blocks_image, noise_image, vllm_engine
 
 from molmo_model.generate import generate
 from molmo_model.preprocessing import MolmoPreprocessor
@@ -35,8 +29,8 @@ LOGPROB_ATOL = 5e-4  # float32 through different kernels; observed differences a
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path, model, tok = decisive_tiny_checkpoint(tmp_path_factory.mktemp("vllm") / "tiny")
+def setup(decisive_checkpoint):
+    path, model, tok = decisive_checkpoint
     pre = MolmoPreprocessor(model.config.preprocess, tok)
     with vllm_engine(path) as llm:
         yield llm, model, tok, pre

@@ -12,15 +12,9 @@ from PIL import Image
 
 from molmo_model.config import MolmoConfig, tiny
 from molmo_model.preprocessing import MolmoPreprocessor
-from molmo_model.tokenizer import build_tokenizer
 from molmo_vllm import register
 from molmo_vllm.config import MolmoHFConfig
 from molmo_vllm.prompt import PromptError, build_prompt, parse_chat
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def _expand(ids: list[int], tok, per_image: list[list[int]]) -> list[int]:

@@ -5,24 +5,21 @@ then fed the tensors of a tiny checkpoint: every parameter is loaded, the fused 
 where they must (embedding tables concatenated, ff_proj halves swapped for SiluAndMul), and
 a renamed, dropped or mis-shaped tensor is an error naming it.
 
-Run: VLLM_CPU_KVCACHE_SPACE=1 pytest tests/test_vllm_weights.py -m vllm -q
+Run: pytest tests/test_vllm_weights.py -q
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from molmo_model.checkpoint import init_checkpoint, iter_weights
+from molmo_model.checkpoint import iter_weights
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def built(tiny_checkpoint):
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import (
@@ -32,7 +29,7 @@ def built(tmp_path_factory):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.network_utils import get_open_port
 
-    path = init_checkpoint("tiny", tmp_path_factory.mktemp("w") / "tiny", seed=3, std=0.05)
+    path = tiny_checkpoint
     config = EngineArgs(
         model=str(path), enforce_eager=True, dtype="float32", max_model_len=1024
     ).create_engine_config()

@@ -1,0 +1,132 @@
+"""The served demo model points at what is there: /v1/point, chat completions' `points` and
+the Python client, end to end on models/molmo-demo.
+
+The demo model was trained on synthetic shape scenes; the image here is a held-out one
+(the test split of the training generator, never seen in training), drawn to a PNG file:
+four blue squares, a blue circle and a red triangle on a plain background. Every returned
+pixel point must fall on a distinct object of the kind and colour asked for (inside its box,
+on a pixel of its colour), as many points as there are objects; an absent kind gives none.
+One server for the module (float32, eager), driven by httpx, the official `openai` client
+and clients/molmo_client.py.
+
+    pytest tests/test_server_pointing.py -q       # ~1-2 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import data_url, encode_image, image_part, running_server
+from PIL import Image
+
+from server.cli import DEMO_MODEL
+from training.config import DEMO_SCENE
+from training.data.synthetic import COLOURS, SceneConfig, render_scene, split_seed
+
+pytestmark = [pytest.mark.vllm, pytest.mark.server]
+openai = pytest.importorskip("openai")
+pytest.importorskip("vllm")
+
+KEY = "demo-key"
+SCENE = 3  # test split: 4 blue squares, 1 blue circle, 1 red triangle (336 x 336)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    scene = render_scene(split_seed("test", SCENE), SceneConfig(**DEMO_SCENE))
+    kinds = sorted((o.colour, o.kind) for o in scene.objects)
+    assert kinds == [("blue", "circle")] + [("blue", "square")] * 4 + [("red", "triangle")]
+    return scene
+
+
+@pytest.fixture(scope="module")
+def scene_file(scene, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("scene") / "shapes.png"
+    scene.image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    flags = ("--api-key", KEY, "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024")
+    with running_server(DEMO_MODEL, tmp_path_factory.mktemp("demo"), *flags) as s:
+        yield s
+
+
+def assert_on_each(points: list[tuple[float, float]], scene, colour: str, kind: str) -> None:
+    """One point on each `colour` `kind` of the scene, none elsewhere."""
+    objects = scene.matching(kind, colour)
+    hits = [next((i for i, o in enumerate(objects) if o.contains(x, y)), None) for x, y in points]
+    boxes = [o.box for o in objects]
+    assert len(points) == len(objects) and set(hits) == set(range(len(objects))), (points, boxes)
+    for x, y in points:
+        assert scene.image.getpixel((int(x), int(y))) == COLOURS[colour], (x, y)
+
+
+def point(server, image: str, obj: str) -> dict:
+    r = httpx.post(
+        f"{server.url}/v1/point",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"image": image, "object": obj},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("colour, kind", [("blue", "square"), ("red", "triangle")])
+def test_point_endpoint_lands_on_each_object(server, scene, scene_file, colour, kind) -> None:
+    body = point(server, data_url(scene_file.read_bytes()), f"{colour} {kind}s")
+    assert body["count"] == len(body["points"]), body
+    assert_on_each([(p["x"], p["y"]) for p in body["points"]], scene, colour, kind)
+
+
+def test_point_endpoint_finds_nothing_where_nothing_is(server, scene_file) -> None:
+    body = point(server, data_url(scene_file.read_bytes()), "green circles")
+    assert body["count"] == 0 and body["points"] == [], body
+
+
+def test_point_endpoint_answers_in_the_frame_the_user_sees(server, scene) -> None:
+    # Stored turned a quarter left, with EXIF orientation 6 (a viewer turns it back): the
+    # points are in the upright scene's pixels, as the model sees and the user shows it.
+    stored = scene.image.transpose(Image.Transpose.ROTATE_90)
+    raw = encode_image(stored, "JPEG", orientation=6, quality=95)
+    body = point(server, base64.b64encode(raw).decode(), "blue squares")
+    assert body["count"] == 4
+    assert_on_each([(p["x"], p["y"]) for p in body["points"]], scene, "blue", "square")
+
+
+def test_chat_points_land_on_each_object(server, scene, scene_file) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                image_part(scene_file.read_bytes()),
+                {"type": "text", "text": "How many blue squares are there?"},
+            ],
+        }
+    ]
+    r = client.chat.completions.create(model="molmo-demo", messages=messages, temperature=0)
+    message = r.choices[0].message
+    assert message.content.rstrip().endswith("there are 4."), message.content
+    points = message.model_extra["points"]
+    assert all(p["image_index"] == 0 and p["label"] == "blue squares" for p in points), points
+    assert_on_each([(p["x"], p["y"]) for p in points], scene, "blue", "square")
+
+    stream = client.chat.completions.create(
+        model="molmo-demo", messages=messages, temperature=0, stream=True
+    )
+    finals = [c for c in stream if c.choices and c.choices[0].finish_reason]
+    assert [f.choices[0].delta.model_extra["points"] for f in finals] == [points]
+
+
+def test_python_client_points_at_a_file(server, scene, scene_file) -> None:
+    from clients.molmo_client import MolmoClient
+
+    with MolmoClient(server.url, api_key=KEY) as client:
+        points = client.point(scene_file, "red triangles")
+    assert_on_each([(p.x, p.y) for p in points], scene, "red", "triangle")
