@@ -75,7 +75,11 @@ def packed_segments(b: int, s: int, prefix: int, annotations: int, lead: int = 0
 
 # ----------------------------------------------------------------------------- checks
 
-def _outputs_and_grads(fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor) -> list:
+def _outputs_and_grads(fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor | None) -> list:
+    """[out] + the inputs' grads (float32); just [out] when `grad` is None (a forward-only check)."""
+    if grad is None:
+        with torch.no_grad():
+            return [fn(*inputs).float()]
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     out = fn(*leaves)
     out.backward(grad.to(out.dtype))
@@ -83,16 +87,19 @@ def _outputs_and_grads(fn: Callable, inputs: list[torch.Tensor], grad: torch.Ten
 
 
 def check_case(name: str, kernel: Callable, reference: Callable, shapes: list[tuple],
-               dtype: torch.dtype, seed: int) -> tuple[bool, str]:
-    """One case: kernel vs float32 gold and the same-dtype reference; (passed, report line)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    inputs = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
-    grad = torch.randn(shapes[0], device="cuda", generator=gen)  # outputs have q's shape
+               dtype: torch.dtype, seed: int, device: str = "cuda",
+               grads: bool = True) -> tuple[bool, str]:
+    """One case: kernel vs float32 gold and the same-dtype reference; (passed, report line).
+    grads=False checks the output only."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    inputs = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
+    grad = torch.randn(shapes[0], device=device, generator=gen) if grads else None  # q's shape
     gold = _outputs_and_grads(reference, [x.float() for x in inputs], grad)
     got = _outputs_and_grads(kernel, inputs, grad)
     same_dtype = _outputs_and_grads(reference, inputs, grad)
     worst, ok = "", True
-    for label, g, want, base in zip(["out", "dq", "dk", "dv"], got, gold, same_dtype, strict=True):
+    labels = ["out", "dq", "dk", "dv"][: len(got)]
+    for label, g, want, base in zip(labels, got, gold, same_dtype, strict=True):
         err = ((g - want).norm() / want.norm().clamp_min(1e-12)).item()
         base_err = ((base - want).norm() / want.norm().clamp_min(1e-12)).item()
         good = bool(torch.isfinite(g).all()) and err <= max(TOLERANCE[dtype], 2 * base_err)

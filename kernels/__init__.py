@@ -6,9 +6,11 @@
   attention where each packed annotation sees the shared prefix and itself only
   (kernels/annotation_attention.py), with `annotation_mask(segment_ids) -> bool [B, S, S]`.
 
-Each op runs its Triton kernel on CUDA tensors and its reference elsewhere; `backend=` or the
-MOLMO_KERNELS_BACKEND environment variable ("auto", "triton", "torch") forces one
-(kernels/dispatch.py).
+Each op runs its Triton kernel on CUDA tensors and its reference elsewhere (annotation_attention
+also keeps fp32 CUDA inputs on its reference, the faster there); `backend=` or the
+MOLMO_KERNELS_BACKEND environment variable ("auto", "triton", "torch", "flex") forces one
+(kernels/dispatch.py). annotation_attention's "flex" path is FlexAttention with the same mask
+(kernels/annotation_flex.py).
 """
 
 from kernels.annotation_attention import (

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.annotation_flex import annotation_attention_flex
 from kernels.dispatch import resolve_backend
 
 _LOG2E = math.log2(math.e)
@@ -360,12 +361,22 @@ def annotation_attention(
 
     q [B, Hq, S, D], k and v [B, Hkv, S, D] (Hq a multiple of Hkv), segment_ids [B, S] ints
     (0 prefix, k > 0 annotation k, -1 padding). Returns [B, Hq, S, D] in q's dtype, scale D**-0.5.
-    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch"; None reads
-    MOLMO_KERNELS_BACKEND (default "auto"). Differentiable in q, k and v on both paths.
+    backend: "auto" (Triton on CUDA, the reference elsewhere and for fp32 CUDA inputs),
+    "triton", "torch" or "flex" (FlexAttention, kernels/annotation_flex.py); None reads
+    MOLMO_KERNELS_BACKEND (default "auto"). Differentiable in q, k and v on every path
+    (FlexAttention on CUDA only).
+
+    Why fp32 goes to the reference: on an H100 (benchmarks/RESULTS.md) the Triton fp32 tiles
+    (exact dots) ran at 0.88x the reference forward and 0.32x forward+backward, so "auto" keeps
+    fp32 on SDPA until a GPU run of benchmarks/kernels_frontier.py shows otherwise;
+    MOLMO_KERNELS_FP32_TRITON=1 (or backend="triton") still runs the Triton fp32 tiles.
     """
     _check_inputs(q, k, v, segment_ids)
-    if resolve_backend(backend, q) == "torch":
+    choice = resolve_backend(backend, q, fp32_auto="torch", has_flex=True)
+    if choice == "torch":
         return annotation_attention_reference(q, k, v, segment_ids)
+    if choice == "flex":
+        return annotation_attention_flex(q, k, v, segment_ids)
     return AnnotationAttentionFunction.apply(q, k, v, segment_ids)
 
 

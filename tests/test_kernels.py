@@ -11,10 +11,13 @@ of this session may import `kernels` first.
 Run: PYTHONPATH=. python -m pytest tests/test_kernels.py
 """
 
+import importlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,11 +28,20 @@ from kernels.annotation_attention import (
     annotation_attention_reference,
     annotation_mask,
 )
+from kernels.annotation_flex import annotation_attention_flex, annotation_block_mask
 from kernels.attention_pool import attention_pool, attention_pool_reference
-from kernels.dispatch import BACKEND_ENV, triton_interpreting
+from kernels.dispatch import (
+    BACKEND_ENV,
+    FP32_TRITON_ENV,
+    auto_backend,
+    resolve_backend,
+    triton_interpreting,
+)
+from training.config import run_preset
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_CASES = REPO / "tests" / "kernel_cases" / "kernel_vs_reference.py"
+FRONTIER = REPO / "benchmarks" / "kernels_frontier.py"
 
 
 def _randn(*shape: int, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
@@ -222,6 +234,63 @@ def test_backend_is_validated(monkeypatch):
         attention_pool(q, k, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_dispatch_by_device_and_dtype(monkeypatch, dtype):
+    monkeypatch.delenv(FP32_TRITON_ENV, raising=False)
+    fp32 = dtype == torch.float32
+    assert auto_backend(False, dtype, "torch") == "torch"  # off CUDA: always the reference
+    assert auto_backend(True, dtype) == "triton"  # an op whose Triton fp32 path is the faster
+    assert auto_backend(True, dtype, fp32_auto="torch") == ("torch" if fp32 else "triton")
+    monkeypatch.setenv(FP32_TRITON_ENV, "1")  # opts fp32 back into the Triton tiles
+    assert auto_backend(True, dtype, fp32_auto="torch") == "triton"
+
+
+def test_fp32_annotation_attention_on_cuda_goes_to_the_reference(monkeypatch):
+    """The op's own dispatch arguments, applied to CUDA-like inputs (no GPU here): fp32 runs the
+    reference, half precision the kernel, and the demo-gpu preset trains in fp32."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv(FP32_TRITON_ENV, raising=False)
+    seen = {}
+
+    def spy(backend, tensor, **kwargs):
+        seen.update(kwargs)
+        return resolve_backend(backend, tensor, **kwargs)
+
+    # The module, not the function the package re-exports under the same name.
+    module = importlib.import_module("kernels.annotation_attention")
+    monkeypatch.setattr(module, "resolve_backend", spy)
+    q = _randn(1, 2, 5, 16, seed=1)
+    annotation_attention(q, q[:, :1], q[:, :1], torch.tensor([[0, 0, 1, 1, 2]]))
+    cuda = lambda dtype: SimpleNamespace(is_cuda=True, dtype=dtype, device="cuda:0")  # noqa: E731
+    assert resolve_backend(None, cuda(torch.float32), **seen) == "torch"
+    assert resolve_backend(None, cuda(torch.bfloat16), **seen) == "triton"
+    assert resolve_backend("triton", cuda(torch.float32), **seen) == "triton"
+    assert run_preset("demo-gpu").run.precision == "fp32"
+
+
+def test_flex_backend_is_only_for_annotation_attention(monkeypatch):
+    q, k = _randn(3, 2, 16, seed=1), _randn(3, 4, 2, 16, seed=2)
+    with pytest.raises(ValueError, match="'flex' is available only"):
+        attention_pool(q, k, k, backend="flex")
+    monkeypatch.setenv(BACKEND_ENV, "flex")  # process-wide: "auto" for ops without it
+    assert torch.equal(attention_pool(q, k, k), attention_pool_reference(q, k, k))
+
+
+def test_flex_backend_matches_reference_forward():
+    """FlexAttention with the BlockMask of the rule (eager, forward: all the CPU has)."""
+    b, hq, hkv, s, d = 2, 4, 2, 37, 16
+    seg = torch.tensor([[-1] * 3 + [0] * 10 + [1] * 9 + [2] * 11 + [-1] * 4,
+                        [0] * 20 + [1] * 3 + [2] * 6 + [3] * 8])
+    q, k, v = _randn(b, hq, s, d, seed=1), _randn(b, hkv, s, d, seed=2), _randn(b, hkv, s, d, seed=3)
+    want = annotation_attention_reference(q, k, v, seg)
+    got = annotation_attention(q, k, v, seg, backend="flex")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[0, :, :3].abs().max() == 0  # leading padding sees no key: zeros, not NaN
+    mask = annotation_block_mask(seg.to(torch.int32), block_size=16)  # built once, shared
+    torch.testing.assert_close(annotation_attention_flex(q, k, v, seg, block_mask=mask), want,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available() or triton_interpreting(),
     reason="tests the refusal on a CPU-only process without Triton's interpreter",
@@ -262,3 +331,31 @@ def test_triton_kernels_match_references(mode):
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"kernel cases failed ({mode}):\n{report}"
     assert " passed" in proc.stdout, report
+
+
+def test_frontier_benchmark_dry_run(tmp_path):
+    """benchmarks/kernels_frontier.py end to end on the CPU (tiny shapes, interpreter, ~15 s), so
+    the GPU script is known to run before a GPU sees it: checks pass, every provider has a row
+    (timed or skipped with a reason), the fp32 dispatch table and the plot are written."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV)}
+    proc = subprocess.run(
+        [sys.executable, str(FRONTIER), "--device", "cpu", "--check", "--quick", "--out-dir",
+         str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "kernels_frontier_cpu-dry-run.json").read_text())
+    checks = result["checks"]
+    assert checks and not [c for c in checks if c["passed"] is False]
+    assert {c["case"].split()[1] for c in checks if c["passed"]} >= {"triton", "flex", "auto"}
+    rows = result["rows"]
+    providers = {(r["op"], r["provider"]): r for r in rows if "table" not in r}
+    assert set(providers) == {
+        ("annotation_attention", p) for p in ("triton", "flex", "sdpa_mask", "flash_varlen")
+    } | {("attention_pool", p) for p in ("triton", "torch", "compiled")}
+    assert providers[("annotation_attention", "flash_varlen")]["skipped"]
+    assert providers[("attention_pool", "compiled")]["skipped"]
+    assert all(r["ms"] > 0 for r in rows if not r.get("skipped"))
+    dispatch = {(r["op"], r["provider"]) for r in rows if r.get("table") == "fp32_dispatch"}
+    assert ("annotation_attention", "auto") in dispatch and ("attention_pool", "auto") in dispatch
+    assert (tmp_path / "kernels_frontier_cpu-dry-run.png").stat().st_size > 0
