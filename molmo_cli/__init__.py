@@ -4,6 +4,9 @@
     molmo serve [--model DIR] ...           OpenAI-compatible server (server/)
     molmo train ...                         train with the paper's recipe (training/)
     molmo eval --model DIR ...              pointing / counting / clock accuracy (training/)
+    molmo bench serve|compare ...           load benchmark of any endpoint (molmo_bench/)
+    molmo point IMAGE "red circles"         points from a running server (clients/)
+    molmo chat IMAGE "question"             one streamed answer from a running server
 
 Also `python -m molmo_cli ...` (for torchrun: `torchrun --nproc-per-node 2 -m molmo_cli train
 ...`). Each subcommand imports its package when it runs, so `molmo init` needs no vLLM.
@@ -50,12 +53,33 @@ def _eval(argv: list[str]) -> int:
     return evaluate(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from molmo_bench.cli import bench
+
+    return bench(argv)
+
+
+def _point(argv: list[str]) -> int:
+    from molmo_cli.by_hand import point
+
+    return point(argv)
+
+
+def _chat(argv: list[str]) -> int:
+    from molmo_cli.by_hand import chat
+
+    return chat(argv)
+
+
 # name -> function taking argv and returning an exit code
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "init": _init,
     "serve": _serve,
     "train": _train,
     "eval": _eval,
+    "bench": _bench,
+    "point": _point,
+    "chat": _chat,
 }
 
 

@@ -39,6 +39,11 @@ _ATTR = re.compile(
     r"""(?<![\w.:-])([A-Za-z_][\w.:-]*)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'<>=]+))"""
 )
 _CLOSE = re.compile(r"([^<]*)</(points?|tracks)\s*>")
+_OPEN = re.compile(r"<(points?|tracks)\b")  # the start of an opening tag, complete or not
+# The closed part of a tag body: plain characters and closed quoted values. In a tag cut off by
+# the end of the text, what follows it is an unclosed quoted value (or nothing).
+_CLOSED_PART = re.compile(r"""(?:[^"']|"[^"]*"|'[^']*')*""")
+_CUT_COORDS = re.compile(r"""(?<![\w.:-])coords\s*=\s*\Z""")
 _V1_KEY = re.compile(r"([xy])(\d{0,6})")
 _NUMBER = re.compile(r"\d{1,12}(?:\.\d{0,12})?|\.\d{1,12}")  # no sign, no exponent, no nan/inf
 _INT = re.compile(r"\d{1,9}")
@@ -162,6 +167,33 @@ def _size_for(sizes: float | list[float], index: int) -> float | None:
     return sizes[index] if index < len(sizes) else None
 
 
+def _drop_cut_token(s: str) -> str:
+    """`s` without its last token when nothing separates that token from the end of the text:
+    the cut may have shortened it (`x3=4` of `x3=45.5`, `8` of `800`)."""
+    i = len(s)
+    while i and not (s[i - 1].isspace() or s[i - 1] in "\"':;,"):
+        i -= 1
+    return s[:i]
+
+
+def _cut_off_tag(text: str, pos: int) -> list[Point]:
+    """The complete points of an opening tag that starts at or after `pos` and that the end
+    of `text` cuts off before its `>`."""
+    start = text.rfind("<")
+    if start < pos or not (tag := _OPEN.match(text, start)) or _TAG.match(text, start):
+        return []
+    body = text[tag.end() :]
+    closed = _CLOSED_PART.match(body).group()  # type: ignore[union-attr]  # matches always
+    cut_value = body[len(closed) + 1 :] if len(closed) < len(body) else None
+    attrs = _attributes(_drop_cut_token(closed))
+    if cut_value is not None and _CUT_COORDS.search(closed):
+        attrs.setdefault("coords", _drop_cut_token(cut_value))
+    label = _unescape(attrs["alt"]) if attrs.get("alt") else None
+    if "coords" in attrs:
+        return _coords_points(attrs["coords"], label, video=tag.group(1) == "tracks")
+    return _v1_points(attrs, label)
+
+
 def parse_points(
     text: str,
     width: float | Sequence[float] | None = None,
@@ -172,8 +204,10 @@ def parse_points(
     `width`/`height` (both or neither) give pixel coordinates: one number for every image, or
     one per image (indexed by `image_index`; a point beyond the list gets x = y = None).
     Values outside the format's range (over 100 in v1, over 1000 in Molmo 2, negative, not a
-    plain number) drop their point, as does a pair missing a coordinate. The opening tag must
-    be complete (`>` seen); the closing tag is optional. Molmo 2 time-stamped points get the
+    plain number) drop their point, as does a pair missing a coordinate. The closing tag is
+    optional. An opening tag cut off by the end of the text (generation stopped at max_tokens
+    inside it) gives its complete points, as Ai2's `extract_points` does: each x/y pair whose
+    two values are closed, or each whole `id x y` triple of a cut `coords` value. Molmo 2 time-stamped points get the
     ordinal of their time among all distinct times in the text as `image_index`.
     """
     widths, heights = _sizes(width, "width"), _sizes(height, "height")
@@ -201,6 +235,7 @@ def parse_points(
             points += _coords_points(attrs["coords"], label, video=name == "tracks")
         else:
             points += _v1_points(attrs, label)
+    points += _cut_off_tag(text, pos)
 
     times = sorted({p.time for p in points if p.time is not None})
     frame_of = {t: i for i, t in enumerate(times)}
@@ -305,3 +340,64 @@ def format_points(
         return f'<point x="{x}" y="{y}" alt="{alt_attr}">{inner}</point>'
     coords = " ".join(f'x{k}="{x}" y{k}="{y}"' for k, (x, y) in enumerate(cells, start=1))
     return f'<points {coords} alt="{alt_attr}">{inner}</points>'
+
+
+# ---------------------------------------------------------------- scoring
+# The paper's pointing evaluation, shared by `molmo eval` (training/evaluate.py) and the load
+# benchmark (molmo_bench), so that both report the same F1 and counting accuracy.
+
+_COUNT_RE = re.compile(r"there (?:is|are) (\d+)", re.IGNORECASE)
+
+
+def inside(point: Sequence[float], box: Sequence[float]) -> bool:
+    """Whether (x, y) lies in the box (x0, y0, x1, y1), edges included: a hit for pointing."""
+    x, y = point
+    x0, y0, x1, y1 = box
+    return x0 <= x <= x1 and y0 <= y <= y1
+
+
+def match_points(
+    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
+) -> list[tuple[int, int]]:
+    """One-to-one matching of points to boxes that maximises the hits (a point inside its
+    box), ties broken by the distance to the box centre. Returns (point, box) index pairs."""
+    if not points or not boxes:
+        return []
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    p = np.asarray(points, dtype=np.float64)  # [P, 2]
+    b = np.asarray(boxes, dtype=np.float64)  # [T, 4]
+    centres = (b[:, :2] + b[:, 2:]) / 2.0  # [T, 2]
+    dist = np.linalg.norm(p[:, None, :] - centres[None, :, :], axis=-1)  # [P, T]
+    hit = (
+        (p[:, None, 0] >= b[None, :, 0]) & (p[:, None, 0] <= b[None, :, 2])
+        & (p[:, None, 1] >= b[None, :, 1]) & (p[:, None, 1] <= b[None, :, 3])
+    )  # [P, T]  # fmt: skip
+    # A hit always beats a miss: misses cost more than any distance term can add up to.
+    scale = float(dist.max()) + 1.0
+    cost = np.where(hit, 0.0, float(len(points) + len(boxes))) + dist / (scale * (len(points) + len(boxes)))
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
+
+
+def point_scores(
+    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """Precision, recall, F1 and hits of one answer's points against the true boxes."""
+    if not boxes:  # "not present": right when the answer points at nothing
+        ok = float(not points)
+        return {"precision": ok, "recall": ok, "f1": ok, "hits": 0}
+    hits = sum(inside(points[i], boxes[j]) for i, j in match_points(points, boxes))
+    precision = hits / len(points) if points else 0.0
+    recall = hits / len(boxes)
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "hits": hits}
+
+
+def parse_count(text: str) -> int:
+    """The count an answer states: "there are N", else its number of points (0 for none)."""
+    found = _COUNT_RE.findall(text)
+    if found:
+        return int(found[-1])
+    return len(parse_points(text))

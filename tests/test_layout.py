@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"molmo_cli", "server", "training", "molmo_vllm", "molmo_model", "kernels", "clients"}
+OURS = {"molmo_cli", "server", "training", "molmo_vllm", "molmo_model", "kernels", "clients", "molmo_bench"}
 # package -> our packages it may import
 ALLOWED = {
     "kernels": set(),
@@ -32,7 +32,8 @@ ALLOWED = {
     "training": {"molmo_model", "kernels", "molmo_vllm"},
     "server": {"molmo_vllm", "molmo_model", "kernels"},
     "clients": set(),
-    "molmo_cli": {"molmo_model", "server", "training"},
+    "molmo_bench": {"molmo_model"},  # a client of any endpoint: HTTP only, no server/ or vLLM
+    "molmo_cli": {"molmo_model", "server", "training", "molmo_bench", "clients"},
 }
 
 

@@ -35,15 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
-from scipy.optimize import linear_sum_assignment
 
-from molmo_model.points import parse_points
-from training.data.records import Example, inside
+from molmo_model.points import match_points, parse_count, parse_points, point_scores  # noqa: F401
+from training.data.records import Example
 
 COUNT_RANGE = (1, 10)  # counting accuracy is reported on queries with this many objects
-_COUNT_RE = re.compile(r"there (?:is|are) (\d+)", re.IGNORECASE)
 _TIME_RE = re.compile(r"(\d{1,2}):(\d{2})")
 
 
@@ -88,50 +85,6 @@ def queries_from_example(example: Example, tasks: Sequence[str] = ("point", "cou
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def match_points(
-    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
-) -> list[tuple[int, int]]:
-    """One-to-one matching of points to boxes that maximises the hits (a point inside its
-    box), ties broken by the distance to the box centre. Returns (point, box) index pairs."""
-    if not points or not boxes:
-        return []
-    p = np.asarray(points, dtype=np.float64)  # [P, 2]
-    b = np.asarray(boxes, dtype=np.float64)  # [T, 4]
-    centres = (b[:, :2] + b[:, 2:]) / 2.0  # [T, 2]
-    dist = np.linalg.norm(p[:, None, :] - centres[None, :, :], axis=-1)  # [P, T]
-    hit = (
-        (p[:, None, 0] >= b[None, :, 0]) & (p[:, None, 0] <= b[None, :, 2])
-        & (p[:, None, 1] >= b[None, :, 1]) & (p[:, None, 1] <= b[None, :, 3])
-    )  # [P, T]  # fmt: skip
-    # A hit always beats a miss: misses cost more than any distance term can add up to.
-    scale = float(dist.max()) + 1.0
-    cost = np.where(hit, 0.0, float(len(points) + len(boxes))) + dist / (scale * (len(points) + len(boxes)))
-    rows, cols = linear_sum_assignment(cost)
-    return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)]
-
-
-def point_scores(
-    points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
-) -> dict[str, float]:
-    """Precision, recall, F1 and hits of one answer's points against the true boxes."""
-    if not boxes:  # "not present": right when the answer points at nothing
-        ok = float(not points)
-        return {"precision": ok, "recall": ok, "f1": ok, "hits": 0}
-    hits = sum(inside(points[i], boxes[j]) for i, j in match_points(points, boxes))
-    precision = hits / len(points) if points else 0.0
-    recall = hits / len(boxes)
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "hits": hits}
-
-
-def parse_count(text: str) -> int:
-    """The count an answer states: "there are N", else its number of points (0 for none)."""
-    found = _COUNT_RE.findall(text)
-    if found:
-        return int(found[-1])
-    return len(parse_points(text))
 
 
 def parse_time(text: str) -> tuple[int, int] | None:

@@ -12,11 +12,12 @@ pixels) are hit by a point as `inside` says; scoring and the grounding targets s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+
+from molmo_model.points import inside  # noqa: F401  (the one definition; re-exported)
 
 ROLES = ("user", "assistant")
 
@@ -71,8 +72,3 @@ class Example:
     )  # JSON-safe (objects, clock geometry, ...)
 
 
-def inside(point: Sequence[float], box: Sequence[float]) -> bool:
-    """Whether (x, y) lies in the box (x0, y0, x1, y1), edges included: a hit for pointing."""
-    x, y = point
-    x0, y0, x1, y1 = box
-    return x0 <= x <= x1 and y0 <= y <= y1
