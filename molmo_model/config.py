@@ -3,7 +3,9 @@
 `MolmoConfig.to_hf_dict()` / `from_hf_dict()` read and write HF `config.json` in Ai2's
 field names (model_type "molmo"). The official Molmo-7B-D config does not describe the
 vision tower or the image geometry; we write those as extra fields and, when they are
-missing, default to Molmo-7B-D's values, so an official config loads as it is.
+missing, default to Molmo-7B-D's values, so an official config loads as it is. One of
+them, `image_mask_rule`, says which image-mask rule the checkpoint was trained with
+(molmo_model/image_masks.py); a config without it gets Ai2's, the releases' rule.
 
 Presets: `molmo-7b-d` (the real shapes) and `tiny` (small widths and depths, the real
 image geometry) for tests and the demo model.
@@ -19,6 +21,11 @@ from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Values of `PreprocessConfig.image_mask_rule` (molmo_model/image_masks.py has both rules).
+AI2_MASK_RULE = "ai2"  # Ai2's released checkpoints: masks shifted by one crop, -1 = partial
+PER_CROP_MASK_RULE = "per_crop"  # each crop its own mask
+IMAGE_MASK_RULES = (AI2_MASK_RULE, PER_CROP_MASK_RULE)
 
 
 @dataclass
@@ -71,6 +78,9 @@ class PreprocessConfig:
     overlap_margins: tuple[int, int] = (4, 4)  # patches kept from the left/top and right/bottom
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # Which padding mask each crop carries and how the backbone reads it (image_masks.py).
+    # Absent from a config.json (every Ai2 release): Ai2's rule. New trainings use it too.
+    image_mask_rule: str = AI2_MASK_RULE
 
     def __post_init__(self) -> None:
         self.overlap_margins = tuple(int(m) for m in self.overlap_margins)  # type: ignore[assignment]
@@ -91,6 +101,10 @@ class PreprocessConfig:
             raise ValueError(f"overlap_margins must be two non-negative ints, got {self.overlap_margins}")
         if sum(self.overlap_margins) >= self.patches_per_side:
             raise ValueError("overlap_margins leave no window inside a crop")
+        if self.image_mask_rule not in IMAGE_MASK_RULES:
+            raise ValueError(
+                f"image_mask_rule must be one of {IMAGE_MASK_RULES}, got {self.image_mask_rule!r}"
+            )
 
     @property
     def patches_per_side(self) -> int:
@@ -266,7 +280,8 @@ def demo(vocab_size: int = 512) -> MolmoConfig:
     against 316 at 336 px), LLM head dim 64 (a size vLLM's CPU attention has). The smaller
     crop halves the cost of an image, which buys a CPU run twice the images. The LLM is deep
     rather than wide (4 layers, MLP 512): at about the same cost as 3 layers with MLP 1024 it
-    counts better (models/molmo-demo/README.md)."""
+    counts better (models/molmo-demo/README.md). It keeps the per-crop image-mask rule the
+    committed demo model was trained with, so that its recipe reproduces it."""
     return MolmoConfig(
         llm=LLMConfig(
             hidden_size=192,
@@ -287,7 +302,7 @@ def demo(vocab_size: int = 512) -> MolmoConfig:
             image_mlp_dim=256,
             vit_layers=(-1, -2),
         ),
-        preprocess=PreprocessConfig(crop_size=224, max_crops=1),
+        preprocess=PreprocessConfig(crop_size=224, max_crops=1, image_mask_rule=PER_CROP_MASK_RULE),
     )
 
 

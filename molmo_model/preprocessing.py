@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from molmo_model.config import PreprocessConfig
+from molmo_model.image_masks import crop_masks
 from molmo_model.images import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
 
 __all__ = [
@@ -218,7 +219,7 @@ class ImageInputs:
     """One image, ready for the vision backbone. n_crops = 1 (global view) + rows*cols."""
 
     images: torch.Tensor  # float32 [n_crops, 576, 588], CLIP-normalised, patch pixels (py, px, c)
-    image_masks: torch.Tensor  # float32 [n_crops, 576], fraction of image (not padding) pixels
+    image_masks: torch.Tensor  # float32 [n_crops, 576], image fraction per patch (rows: mask rule)
     patch_order: torch.Tensor  # int64 [n_im_patch], index into pooled features [n_crops * 144]
     tokens: list[int]  # this image's prompt token ids
     width: int  # after EXIF orientation
@@ -317,9 +318,9 @@ def _masks(
 class MolmoPreprocessor:
     """Images and chat messages -> Molmo input ids, crops, masks and patch order.
 
-    `ai2_mask_layout=True` reproduces the image_masks rows of Ai2's released processor,
-    which are shifted by one crop (the global view gets the first high-res crop's mask and
-    the last crop gets -1); by default each crop gets its own mask, global view included.
+    The image_masks rows follow `config.image_mask_rule` (molmo_model/image_masks.py): under
+    Ai2's rule they are shifted by one crop (the global view carries the first high-res
+    crop's mask, the last crop -1), under "per_crop" each crop carries its own.
     """
 
     def __init__(
@@ -327,13 +328,11 @@ class MolmoPreprocessor:
         config: PreprocessConfig,
         tokenizer: TokenizerLike,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        ai2_mask_layout: bool = False,
     ) -> None:
         _check_geometry(config)
         self.config = config
         self.tokenizer = tokenizer
         self.max_pixels = max_pixels
-        self.ai2_mask_layout = ai2_mask_layout
         mean = torch.tensor(config.image_mean, dtype=torch.float32)  # [3]
         std = torch.tensor(config.image_std, dtype=torch.float32)  # [3]
         self._scale = 1.0 / std
@@ -394,7 +393,8 @@ class MolmoPreprocessor:
 
     def patchify(self, views: list[ResizedView]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the views into overlapping crops every 224 px and those into patches:
-        (images [n_crops, N, P], image_masks [n_crops, N]), global view first."""
+        (images [n_crops, N, P], image_masks [n_crops, N]), global view first; the masks'
+        rows laid out by the config's image-mask rule."""
         cfg = self.config
         stride = cfg.crop_size - sum(cfg.overlap_margins) * cfg.patch_size  # 224
         n_crops = sum(v.rows * v.cols for v in views)
@@ -406,9 +406,7 @@ class MolmoPreprocessor:
             _crops_to_patches(v.canvas, v.rows, v.cols, stride, cfg, images[first : first + n])
             masks[first : first + n] = _masks(v.rows, v.cols, stride, v.box, cfg)
             first += n
-        if self.ai2_mask_layout:
-            masks = torch.cat([masks[1:], torch.full_like(masks[:1], -1.0)])
-        return images, masks
+        return images, crop_masks(masks, cfg.image_mask_rule)
 
     # ---- prompts ----
     def build_prompt(

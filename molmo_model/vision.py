@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels import attention_pool
 from molmo_model.config import MolmoConfig, PreprocessConfig, VisionConfig
+from molmo_model.image_masks import padding_flags
 
 
 class QuickGELU(nn.Module):
@@ -174,9 +175,11 @@ class MolmoVisionBackbone(nn.Module):
         states = self.image_vit(images, list(self.vcfg.vit_layers))
         feats = torch.cat(states, dim=-1)[:, 1:]  # drop the class token -> [n, N, C2]
 
-        # Padding embeddings: pad_embed[0] where a patch is all padding, pad_embed[1] where partly.
-        all_pad = (image_masks == 0).to(feats.dtype)[..., None]  # [n, N, 1]
-        partial = ((image_masks > 0) & (image_masks < 1)).to(feats.dtype)[..., None]
+        # Padding embeddings: pad_embed[0] where a patch is all padding, pad_embed[1] where
+        # partly, as the checkpoint's image-mask rule reads the masks.
+        all_pad, partial = padding_flags(image_masks, self.geo.image_mask_rule)  # [n, N] each
+        all_pad = all_pad.to(feats.dtype)[..., None]  # [n, N, 1]
+        partial = partial.to(feats.dtype)[..., None]
         feats = feats + all_pad * self.pad_embed[0].to(feats.dtype)
         feats = feats + partial * self.pad_embed[1].to(feats.dtype)
 
