@@ -3,9 +3,10 @@
 Both servers run the same checkpoint through the same vLLM engine and our plugin, one after
 the other (never together: memory), with the same flags (eager, same context, batch size and
 image limit; access logs off). The baseline is
-`python -m vllm.entrypoints.openai.api_server`, given a chat template that writes Molmo's
-prompt (BOS, one `<|image|>` per image, " User: ... Assistant:") so that both servers see
-token-identical prompts; the run checks this (prompt tokens and greedy answers must match).
+`python -m vllm.entrypoints.openai.api_server`, given the project's chat template
+(molmo_model/chat_template.jinja: Molmo's prompt, BOS, one `<|image|>` per image,
+" User: ... Assistant:") so that both servers see token-identical prompts; the run checks
+this (prompt tokens and greedy answers must match).
 
 The same streamed chat requests, each with one image (distinct images, cycled), are sent at
 concurrency 1, 8 and 32 with `ignore_eos` so every request generates exactly --max-tokens
@@ -53,21 +54,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 
 from benchmarks.report import describe_machine, write_results  # noqa: E402
-
-# vLLM's chat template for Molmo: BOS, every image placeholder first, then the turns.
-# ("openai" content format: image parts reach the template as {"type": "image"}.)
-CHAT_TEMPLATE = (
-    "{{- '<|endoftext|>' -}}"
-    "{%- for m in messages -%}{%- if m.content is not string -%}{%- for p in m.content -%}"
-    "{%- if p.type != 'text' -%}<|image|>{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.content is string -%}{%- set text = m.content -%}{%- else -%}"
-    "{%- set text = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-    " | join(' ') -%}{%- endif -%}"
-    "{%- if m.role == 'user' -%}{{ ' User: ' + text + ' Assistant:' }}"
-    "{%- elif m.role == 'assistant' -%}{{ ' ' + text }}{%- endif -%}"
-    "{%- endfor -%}"
-)
+from molmo_model.tokenizer import CHAT_TEMPLATE_FILE  # noqa: E402  (Molmo's chat template)
 
 
 def free_port() -> int:
@@ -269,8 +256,6 @@ def main() -> int:
         from molmo_model.checkpoint import init_checkpoint
 
         model = str(init_checkpoint("tiny", tmp / "tiny"))
-    template = tmp / "molmo_chat_template.jinja"
-    template.write_text(CHAT_TEMPLATE)
     images = make_images(8, args.image_size)
     info = describe_machine(with_vllm=True)
     on_gpu = info["gpu"] is not None
@@ -285,7 +270,7 @@ def main() -> int:
         "vllm": [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
             "--served-model-name", "tiny", "--limit-mm-per-prompt", '{"image": 1}',
-            "--chat-template", str(template), "--chat-template-content-format", "openai",
+            "--chat-template", str(CHAT_TEMPLATE_FILE),
             "--disable-uvicorn-access-log", *common,
         ],
     }  # fmt: skip

@@ -14,7 +14,9 @@ it. `build_tokenizer()` trains our small byte-level BPE for the demo/test models
   vocabulary and merges on every build.
 
 `save(dir)` writes HF files (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
-that `transformers.AutoTokenizer` and vLLM load with no remote code.
+that `transformers.AutoTokenizer` and vLLM load with no remote code; tokenizer_config.json
+carries Molmo's chat template (`chat_template.jinja`), so vLLM's own OpenAI server writes the
+prompt our server does.
 
     python -c "from molmo_model.tokenizer import build_tokenizer; build_tokenizer().save('tok')"
 """
@@ -30,6 +32,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 EOS_TOKEN = "<|endoftext|>"
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 DEFAULT_MAX_LENGTH = 4096  # Molmo's max_position_embeddings
+# Molmo's prompt format as a chat template (for vLLM's own OpenAI server); `save` writes it.
+CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
 
 
 class MolmoTokenizer:
@@ -95,6 +99,7 @@ class MolmoTokenizer:
             "model_max_length": self.model_max_length,
             "added_tokens_decoder": added,
             "additional_special_tokens": list(IMAGE_TOKENS),
+            "chat_template": CHAT_TEMPLATE_FILE.read_text(),
         }
         special_map = {
             "bos_token": EOS_TOKEN,

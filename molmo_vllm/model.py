@@ -70,7 +70,7 @@ class MolmoImageKwargs(TypedDict):
     """What the processor hands the model for a batch of images (crops concatenated).
 
     images:          [C, 576, 588]  CLIP-normalized patches of every crop of every image
-    image_masks:     [C, 576]       fraction of image (non-padding) pixels per patch
+    image_masks:     [C, 576]       image fraction per patch, rows as the mask rule lays them out
     patch_order:     [M]            per image, in token order, index of each <im_patch>
                                     token's feature in that image's pooled features [c_i * 144]
     num_crops:       [n_images]     c_i

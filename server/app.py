@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,6 +50,7 @@ from server.protocol import (
 from server.serving import Serving
 
 logger = logging.getLogger("server")
+LARGE_BODY_BYTES = 256 * 1024  # JSON bodies above this are parsed off the event loop
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -83,8 +86,13 @@ def create_app(
                 start.cancel()
                 with suppress(asyncio.CancelledError):
                     await start
-                # Stopped while the engine was starting: let it finish, then shut it down.
-                await asyncio.to_thread(built.wait)
+                # Stopped while the engine was starting: let it finish (for a while), then
+                # shut it down; an engine still starting is left to the process's exit.
+                if not await asyncio.to_thread(built.wait, config.shutdown_timeout):
+                    logger.error(
+                        "engine still starting after %g s; exiting", config.shutdown_timeout
+                    )
+                    app.state.startup_error = TimeoutError("engine start interrupted")
                 if box and not isinstance(box[0], Exception):
                     serving.engine = box.pop()
             await serving.aclose()
@@ -110,7 +118,10 @@ def create_app(
             loop.call_soon_threadsafe(done.set)
 
         threading.Thread(target=build, name="engine-start", daemon=True).start()
-        await done.wait()
+        try:
+            await asyncio.wait_for(done.wait(), config.engine_start_timeout)
+        except TimeoutError:
+            box.append(TimeoutError(f"not ready in {config.engine_start_timeout:g} s"))
         engine = box.pop()
         if isinstance(engine, Exception):  # the server cannot serve: say why and stop
             logger.error("engine failed to start", exc_info=engine)
@@ -119,6 +130,12 @@ def create_app(
             return
         serving.attach(engine)
         logger.info("engine ready in %.1f s; serving %s", time.perf_counter() - t, info.name)
+        # A dead engine never recovers: exit (non-zero) so that a supervisor restarts us.
+        while not engine.errored:
+            await asyncio.sleep(1.0)
+        logger.error("the engine has died; shutting the server down")
+        app.state.engine_died = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
     app = FastAPI(
         title="Molmo server",
@@ -128,6 +145,8 @@ def create_app(
     )
     app.state.serving = serving
     app.state.startup_error = None
+    app.state.engine_died = False
+    app.router.route_class = _OffLoopJSON
 
     # ---------------------------------------------------------------- errors
 
@@ -198,7 +217,11 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(
-        Gate, metrics=metrics, api_key=config.api_key, max_body_bytes=config.max_body_bytes
+        Gate,
+        metrics=metrics,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        body_timeout=config.body_read_timeout,
     )
     return app
 
@@ -273,6 +296,24 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class _OffLoopJSON(APIRoute):
+    """FastAPI's route, except that a large JSON body is parsed in a thread, not on the
+    event loop (a 32 MB body takes a good part of a second to parse)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            body = await request.body()
+            if len(body) > LARGE_BODY_BYTES:
+                with suppress(ValueError):  # FastAPI reports bad JSON itself
+                    # Starlette's cache of the parsed body: FastAPI's handler reads it.
+                    request._json = await asyncio.to_thread(json.loads, body)
+            return await handler(request)
+
+        return route
+
+
 class SSEResponse(StreamingResponse):
     """Server-sent events; `on_close` runs however the stream ends (done, error, disconnect)."""
 
@@ -295,12 +336,18 @@ class Gate:
     """Request counting, API key and body limit, in front of the app (pure ASGI)."""
 
     def __init__(
-        self, app: ASGIApp, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int
+        self,
+        app: ASGIApp,
+        metrics: ServerMetrics,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout: float = 30.0,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -314,12 +361,14 @@ class Gate:
             await send(message)
 
         try:
-            await self._serve(scope, receive, send_counted)
+            if not await self._serve(scope, receive, send_counted):
+                status[0] = 499  # the client left before its request was read: not our fault
         finally:
             route = self.metrics.route_label(scope["path"])
             self.metrics.requests.labels(route=route, status=str(status[0])).inc()
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the request; False when the client disconnected during its upload."""
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"].startswith("/v1/"):
             auth = headers.get(b"authorization", b"")
@@ -332,20 +381,20 @@ class Gate:
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await error.response()(scope, receive, send)
-                return
+                return True
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
                 await APIError(400, "malformed Content-Length header").response()(
                     scope, receive, send
                 )
-                return
+                return True
             if int(declared) > self.max_body_bytes:
                 await self._too_large()(scope, receive, send)
-                return
+                return True
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
-            return
+            return True
         if b"json" not in headers.get(b"content-type", b""):
             # Every body here is JSON; `curl -d` labels it form data, which would hide the
             # real error behind "not a valid dictionary".
@@ -353,19 +402,31 @@ class Gate:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope["headers"].append((b"content-type", b"application/json"))
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large()(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):  # a slow upload holds a connection
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return False
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        await self._too_large()(scope, receive, send)
+                        return True
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            error = APIError(
+                408,
+                f"the request body was not received within {self.body_timeout:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            )
+            await error.response()(scope, receive, send)
+            return True
         body = b"".join(chunks)
+        del chunks
         replayed = False
 
         async def replay() -> Message:
@@ -376,6 +437,7 @@ class Gate:
             return await receive()  # later calls: the disconnect (streams listen for it)
 
         await self.app(scope, replay, send)
+        return True
 
     def _too_large(self) -> JSONResponse:
         return APIError(

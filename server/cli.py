@@ -5,7 +5,7 @@
 With no --model the project's default model is served (see `default_model_dir`). SIGTERM
 (or Ctrl-C) stops accepting connections, lets in-flight requests finish for up to
 --shutdown-timeout seconds, cancels the rest (aborting them in the engine) and shuts the
-engine down. The exit code is 1 when the engine failed to start, 2 for a bad flag.
+engine down. The exit code is 1 when the engine failed to start (or died), 2 for a bad flag.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.config import ServerConfig
+from server.config import EXECUTOR_BACKENDS, ServerConfig
+from server.engine import check_parallel
 
 DEFAULT_PRESET = "tiny"
 # The project's trained demo model (`molmo train --preset demo-gpu`; see its README.md).
@@ -76,6 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--remote-image-timeout", type=float, default=d.remote_image_timeout)
     g.add_argument("--remote-image-max-bytes", type=int, default=d.remote_image_max_bytes)
+    g.add_argument(
+        "--remote-image-domains",
+        type=_names,
+        help="comma-separated hosts remote images may come from (exact names; default: any)",
+    )
+    g.add_argument(
+        "--remote-image-ports",
+        type=_ports,
+        default=d.remote_image_ports,
+        help="comma-separated ports remote image URLs may use (default: 80,443)",
+    )
+    g.add_argument(
+        "--allow-private-image-addresses",
+        action="store_true",
+        help="let remote image URLs reach loopback, private and link-local addresses",
+    )
+    g.add_argument("--decode-workers", type=int, default=d.decode_workers)
+    g.add_argument(
+        "--decode-pixel-budget",
+        type=int,
+        help="pixels of all requests decoding at once (default: --max-image-pixels)",
+    )
+    g.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=d.body_read_timeout,
+        help="seconds a client has to send a request body (then 408)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="open connections; more get 503",
+    )
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument(
@@ -93,11 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float)
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--disable-log-stats", action="store_true")
+    s = p.add_argument_group("scale-out (vLLM's parallelism; README: Scaling)")
+    for name, short, text in (
+        ("tensor_parallel_size", "-tp", "devices each layer is split over (CPU: cores, with "
+         "VLLM_CPU_OMP_THREADS_BIND)"),
+        ("pipeline_parallel_size", "-pp", "pipeline stages (above 1 refused: Molmo's vLLM "
+         "model has no pipeline parallelism)"),
+        ("data_parallel_size", "-dp", "model replicas behind this server"),
+    ):
+        flag = "--" + name.replace("_", "-")
+        s.add_argument(flag, short, type=int, default=getattr(d, name), help=text)
+    s.add_argument(
+        "--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
+        help="how vLLM starts its workers (default: vLLM's choice; ray for several machines)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=d.shutdown_timeout,
         help="seconds SIGTERM waits for in-flight requests",
+    )
+    p.add_argument(
+        "--engine-start-timeout",
+        type=float,
+        default=d.engine_start_timeout,
+        help="seconds the engine may take to start before the server exits with 1",
     )
     p.add_argument(
         "--log-level",
@@ -119,6 +174,7 @@ def serve(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = config_from_args(argv)
+        check_parallel(config)
     except ValueError as e:
         print(f"molmo serve: error: {e}", file=sys.stderr)
         return 2
@@ -141,13 +197,25 @@ def serve(argv: list[str] | None = None) -> int:
             port=config.port,
             log_level=config.log_level,
             timeout_graceful_shutdown=config.shutdown_timeout,
+            limit_concurrency=config.max_connections,
             access_log=False,
         )
     )
     server.run()
-    if app.state.startup_error is not None:
+    if app.state.startup_error is not None or app.state.engine_died:
         return 1
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {text!r}") from None
 
 
 def _server_class():

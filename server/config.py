@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")  # vLLM's
+
 
 @dataclass
 class ServerConfig:
@@ -25,6 +27,13 @@ class ServerConfig:
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: data: URLs only)
     remote_image_timeout: float = 10.0  # seconds for one remote image, connect to last byte
     remote_image_max_bytes: int = 20 * 1024 * 1024  # size of one remote image
+    remote_image_domains: tuple[str, ...] | None = None  # hosts allowed (exact names); None: any
+    remote_image_ports: tuple[int, ...] = (80, 443)  # ports remote image URLs may use
+    allow_private_image_addresses: bool = False  # fetch from loopback/private/link-local too
+    decode_workers: int = 2  # threads decoding images (all requests share them)
+    decode_pixel_budget: int | None = None  # pixels decoding at once; default: max_image_pixels
+    body_read_timeout: float = 30.0  # seconds to receive a request's whole body (then 408)
+    max_connections: int = 1024  # open HTTP connections; more get 503
 
     # Engine (vLLM) settings.
     max_model_len: int | None = None  # context length; default: the model's
@@ -35,8 +44,15 @@ class ServerConfig:
     seed: int = 0
     disable_log_stats: bool = False
 
+    # Scale-out: vLLM's own parallelism, passed through (README, "Scaling").
+    tensor_parallel_size: int = 1  # split each layer over this many devices (CPU: cores)
+    pipeline_parallel_size: int = 1  # split the layers in stages (refused: see engine.py)
+    data_parallel_size: int = 1  # model replicas behind one front end
+    distributed_executor_backend: str | None = None  # mp, ray, uni, external_launcher
+
     # Process.
     shutdown_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    engine_start_timeout: float = 3600.0  # seconds the engine may take to start (else exit 1)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -53,14 +69,39 @@ class ServerConfig:
             "max_queue": self.max_queue,
             "max_n": self.max_n,
             "remote_image_max_bytes": self.remote_image_max_bytes,
+            "decode_workers": self.decode_workers,
+            "max_connections": self.max_connections,
         }
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.remote_image_timeout <= 0:
             raise ValueError(f"remote_image_timeout must be > 0, got {self.remote_image_timeout}")
+        if self.decode_pixel_budget is None:
+            self.decode_pixel_budget = self.max_image_pixels
+        elif self.decode_pixel_budget < 1:
+            raise ValueError(f"decode_pixel_budget must be >= 1, got {self.decode_pixel_budget}")
+        for name in ("body_read_timeout", "engine_start_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.remote_image_ports or any(not 0 < p < 65536 for p in self.remote_image_ports):
+            raise ValueError(
+                f"remote_image_ports must be ports in [1, 65535], got {self.remote_image_ports}"
+            )
+        if self.remote_image_domains is not None:
+            self.remote_image_domains = tuple(
+                d.strip().lower().rstrip(".") for d in self.remote_image_domains
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise ValueError(
+                f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                f"got {self.distributed_executor_backend!r}"
+            )
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molmo_model.config import MolmoConfig
+from molmo_model.config import MolmoConfig, PreprocessConfig
 from server.config import ServerConfig
 
 
@@ -23,7 +23,7 @@ class ModelInfo:
 
     name: str  # the model id clients see
     path: str
-    max_crops: int  # crops per image (image_token_count needs it)
+    preprocess: PreprocessConfig  # the checkpoint's image geometry (image token counts)
     max_position_embeddings: int
 
     @classmethod
@@ -35,7 +35,7 @@ class ModelInfo:
         return cls(
             name=served_name or folder.resolve().name,
             path=str(folder),
-            max_crops=config.preprocess.max_crops,
+            preprocess=config.preprocess,
             max_position_embeddings=config.llm.max_position_embeddings,
         )
 
@@ -61,11 +61,35 @@ def engine_args(config: ServerConfig) -> Any:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if config.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    kwargs["tensor_parallel_size"] = config.tensor_parallel_size
+    kwargs["pipeline_parallel_size"] = config.pipeline_parallel_size
+    kwargs["data_parallel_size"] = config.data_parallel_size
+    if config.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = config.distributed_executor_backend
     return AsyncEngineArgs(**kwargs)
+
+
+def check_parallel(config: ServerConfig) -> None:
+    """Refuse (ValueError) a parallel layout the served model cannot run, before any engine
+    starts. Pipeline parallelism needs a model that implements vLLM's SupportsPP; ours
+    (molmo_vllm/model.py) does not, and vLLM would only say so deep into its start-up."""
+    if config.pipeline_parallel_size == 1:
+        return
+    from vllm.model_executor.models.interfaces import supports_pp
+
+    from molmo_vllm.model import MolmoForCausalLM
+
+    if not supports_pp(MolmoForCausalLM):
+        raise ValueError(
+            f"pipeline_parallel_size={config.pipeline_parallel_size}: Molmo's vLLM model "
+            "(molmo_vllm/model.py) does not implement pipeline parallelism; split the model "
+            "with --tensor-parallel-size, or add replicas with --data-parallel-size"
+        )
 
 
 def build_engine(config: ServerConfig) -> Any:
     """Start vLLM's AsyncLLM (blocking; returns when the engine can take requests)."""
+    check_parallel(config)
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 

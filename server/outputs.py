@@ -64,7 +64,22 @@ def event_json(obj: Any) -> str:
 
 
 def finish_reason(reason: str | None) -> str | None:
-    return {"abort": "stop", "error": "stop"}.get(reason, reason) if reason else reason
+    """OpenAI's finish_reason of a finished choice ("stop", "length"), or None while it runs.
+
+    A generation vLLM aborted or failed did not finish: the caller gets an APIError (503 to
+    retry for an abort, 500 for a request-level engine error, as vLLM's own server), never
+    a "stop" that would pass a cut answer off as complete.
+    """
+    if reason == "abort":
+        raise APIError(
+            503,
+            "the generation was aborted before it finished; retry the request",
+            code="generation_aborted",
+            headers={"Retry-After": "1"},
+        )
+    if reason == "error":
+        raise APIError(500, "the engine failed this request; retry it", code="engine_error")
+    return reason
 
 
 def sampling(build: Any) -> Any:

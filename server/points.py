@@ -2,7 +2,8 @@
 
 `molmo_model.points.parse_points` reads the tags (Molmo v1 percentages, Molmo 2 0-1000
 coords with an image index). Pixels are those of the image the client sent, after its EXIF
-orientation (what `load_image` returns), so a point lands where the user sees it. A point
+orientation (what `load_image` returns), so a point lands where the user sees it. An answer
+that max_tokens cut off inside its `<points ...` tag keeps the complete pairs it wrote. A point
 that names an image the request does not have keeps its normalized coordinates and gets
 x = y = None.
 """

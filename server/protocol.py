@@ -22,8 +22,15 @@ _SMALL_PNG = (
 )
 
 
+MAX_STOP_CHARS = 256  # characters of one stop string
+# OpenAI parameters this server does not implement: a request that uses them gets a 400
+# naming them instead of an answer that silently ignores them.
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call")
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: "n": "2" or "stream": "yes" is a 400, not silently coerced.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Response(BaseModel):
@@ -77,6 +84,7 @@ class ChatCompletionRequest(_Request):
     model_config = ConfigDict(
         extra="ignore",
         allow_inf_nan=False,
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -117,6 +125,15 @@ class ChatCompletionRequest(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)  # EOS and stop strings wait
     ignore_eos: bool = False
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias added to its logit"
+    )
+    # Not implemented (see UNSUPPORTED); declared so that a use of them is refused.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -127,6 +144,23 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stop: stop sequences must not be empty")
         if not all(_is_unicode(s) for s in stops):
             raise ValueError("stop: stop sequences must be valid Unicode")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop: a stop sequence may have at most {MAX_STOP_CHARS} characters")
+        used = [
+            name
+            for name in UNSUPPORTED
+            if getattr(self, name) not in (None, [], {})
+            and not (name == "tool_choice" and getattr(self, name) == "none")
+            and not (name == "response_format" and getattr(self, name) == {"type": "text"})
+        ]
+        if used:
+            raise ValueError(
+                f"{used[0]}: not supported by this server ({', '.join(used)} given); "
+                "ask for JSON or points in the prompt instead"
+            )
+        for token in self.logit_bias or {}:
+            if not token.isdigit() or int(token) > 2**31 - 1:
+                raise ValueError(f"logit_bias: keys must be token ids, got {token!r}")
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.stream_options is not None and not self.stream:
@@ -169,6 +203,9 @@ class ChatCompletionRequest(_Request):
             "frequency_penalty": self.frequency_penalty,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos or None,
+            "logit_bias": {int(t): b for t, b in self.logit_bias.items()}
+            if self.logit_bias
+            else None,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return SamplingParams(**kwargs)
@@ -238,6 +275,7 @@ class PointRequest(_Request):
     model_config = ConfigDict(
         extra="ignore",
         allow_inf_nan=False,
+        strict=True,
         json_schema_extra={
             "examples": [{"image": _SMALL_PNG, "object": "squares", "max_tokens": 8}]
         },
@@ -249,6 +287,12 @@ class PointRequest(_Request):
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+
+    @model_validator(mode="after")
+    def _check(self) -> PointRequest:
+        if not self.object.strip():
+            raise ValueError("object: must name something to point at (not only whitespace)")
+        return self
 
 
 class PixelPoint(_Response):

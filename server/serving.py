@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from molmo_model.preprocessing import image_token_count
+from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_vllm.prompt import (
     Chat,
     PromptError,
@@ -33,7 +33,7 @@ from molmo_vllm.prompt import (
 from server.config import ServerConfig
 from server.engine import ModelInfo
 from server.errors import APIError, bad_request
-from server.images import ImageFetcher
+from server.images import DecodePool, ImageFetcher, RemoteImages
 from server.metrics import ServerMetrics
 from server.outputs import engine_error, event_json, finish_reason, logprobs, sampling, usage
 from server.points import pixel_points, points_in_answer
@@ -49,6 +49,7 @@ from server.protocol import (
 )
 
 POINT_MAX_TOKENS = 512  # default answer budget of /v1/point (40 points fit)
+OUTPUT_BUFFER = 4  # engine outputs held per request for a reader that has not taken them
 _END = object()
 
 
@@ -123,14 +124,24 @@ class Serving:
         self.metrics = metrics
         self.engine: Any = None  # vllm AsyncLLM, once started
         self.max_model_len = config.max_model_len or info.max_position_embeddings
+        # The processor's own geometry code (molmo_vllm.processor counts with the same class).
+        self.preprocessor = MolmoPreprocessor(info.preprocess, tokenizer)
         self.images = ImageFetcher(
             max_pixels=config.max_image_pixels,
             allow_remote=config.allow_remote_images,
-            remote_timeout=config.remote_image_timeout,
-            remote_max_bytes=config.remote_image_max_bytes,
+            geometry=info.preprocess,
+            pool=DecodePool(config.decode_workers, config.decode_pixel_budget),
+            remote=RemoteImages(
+                timeout=config.remote_image_timeout,
+                max_bytes=config.remote_image_max_bytes,
+                allowed_domains=config.remote_image_domains,
+                allow_private=config.allow_private_image_addresses,
+                ports=config.remote_image_ports,
+            ),
         )
         self.in_flight = 0
         self._aborts: set[asyncio.Task] = set()
+        self._max_token_bytes = _max_token_bytes(tokenizer)
 
     # ---------------------------------------------------------------- state
 
@@ -188,13 +199,14 @@ class Serving:
                 code="too_many_images",
             )
         images: list[Image.Image] = []
+        sizes: list[tuple[int, int]] = []  # as sent (decoding may reduce the pixels)
         if image_refs:
             start = time.perf_counter()
-            images = await self.images.load_all(image_refs, bare_base64)
+            decoded = await self.images.load_all(image_refs, bare_base64)
             self.metrics.image_preprocess.observe(time.perf_counter() - start)
+            images, sizes = [d.image for d in decoded], [d.size for d in decoded]
         ids = await self._prompt_ids(messages, len(images))
-        sizes = [im.size for im in images]
-        image_tokens = sum(image_token_count(w, h, self.info.max_crops) for w, h in sizes)
+        image_tokens = sum(self.preprocessor.image_token_count(w, h) for w, h in sizes)
         prompt_len = len(ids) - len(images) + image_tokens
         if prompt_len >= self.max_model_len:
             raise bad_request(
@@ -206,6 +218,16 @@ class Serving:
         return Prepared(engine_prompt(ids, images), prompt_len, sizes)
 
     async def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
+        # No token spans more bytes than the vocabulary's longest: a text whose bytes
+        # exceed the context times that is too long without tokenizing it.
+        size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+        if size > self.max_model_len * self._max_token_bytes:
+            raise bad_request(
+                f"the messages take {size} bytes of text, more than this model's context of "
+                f"{self.max_model_len} tokens can hold",
+                param="messages",
+                code="context_length_exceeded",
+            )
         chars = sum(len(m["content"]) for m in messages)
         if chars > 20_000:  # long texts tokenize off the event loop
             return await asyncio.to_thread(_token_ids, self.tokenizer, messages, n_images)
@@ -295,17 +317,17 @@ class Serving:
         completion_tokens = 0
         prompt_tokens = prepared.prompt_len
         timing = _Timing(t0)
-        for i in range(req.n):
-            yield event(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
+        # The role rides on each choice's first chunk, which carries its first token (as
+        # vLLM's server does): an early empty chunk would make clients time a first token
+        # that the engine has not produced yet.
+        role_sent = [False] * req.n
+
+        def delta(index: int, body: dict[str, Any]) -> dict[str, Any]:
+            if role_sent[index]:
+                return body
+            role_sent[index] = True
+            return {"role": "assistant", **body}
+
         try:
             async for out in self._generate(prepared, params, request_id, slot):
                 if out.prompt_token_ids is not None:
@@ -320,7 +342,7 @@ class Serving:
                         choices.append(
                             {
                                 "index": o.index,
-                                "delta": {"content": o.text},
+                                "delta": delta(o.index, {"content": o.text}),
                                 "logprobs": logprobs(
                                     self.tokenizer, o.token_ids, o.logprobs, req.top_logprobs or 0
                                 ).model_dump()
@@ -334,7 +356,9 @@ class Serving:
                         finished.append(
                             {
                                 "index": o.index,
-                                "delta": {"points": [p.model_dump() for p in points]},
+                                "delta": delta(
+                                    o.index, {"points": [p.model_dump() for p in points]}
+                                ),
                                 "logprobs": None,
                                 "finish_reason": finish_reason(o.finish_reason),
                             }
@@ -379,6 +403,7 @@ class Serving:
         request_id = random_id("point")
         final = await self._generate_final(prepared, sampling(params), request_id, t0, slot)
         o = final.outputs[0]
+        finish_reason(o.finish_reason)  # an aborted or failed generation is an error here too
         points = pixel_points(o.text, prepared.sizes[0])
         return PointResponse(
             id=request_id,
@@ -396,17 +421,19 @@ class Serving:
     ) -> AsyncIterator[Any]:
         """The engine's outputs for one request. The engine generator runs in its own task
         (see the module docstring); closing or cancelling this iterator aborts it."""
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded: a reader that stalls stops the pump, and vLLM then merges the request's
+        # undelivered deltas into one output instead of queueing one per step.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=OUTPUT_BUFFER)
 
         async def pump() -> None:
             try:
                 async for out in self.engine.generate(prepared.prompt, params, request_id):
-                    queue.put_nowait(out)
-                queue.put_nowait(_END)
+                    await queue.put(out)
+                await queue.put(_END)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # handed to the consumer, which maps it
-                queue.put_nowait(e)
+                await queue.put(e)
 
         task = asyncio.create_task(pump())
         slot.start()
@@ -472,6 +499,17 @@ def chat_of(messages: list[ChatMessage]) -> Chat:
         return parse_chat([m.model_dump(exclude_none=True) for m in messages])
     except PromptError as e:
         raise bad_request(str(e), param=e.param) from None
+
+
+def _max_token_bytes(tokenizer: Tokenizer) -> int:
+    """An upper bound on the bytes of text one token stands for (64 if unknown): a token's
+    own string in UTF-8 is never shorter than the text it encodes (byte-level BPE writes a
+    byte as one character of up to 2 bytes)."""
+    id_to_token = getattr(tokenizer, "id_to_token", None)
+    size = getattr(tokenizer, "total_size", None)
+    if id_to_token is None or not isinstance(size, int):
+        return 64
+    return max(1, *(len((id_to_token(i) or "").encode("utf-8")) for i in range(size)))
 
 
 def _token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], n_images: int) -> list[int]:
