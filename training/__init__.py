@@ -12,7 +12,8 @@
     coordinates.py    where an answer's point coordinates sit among its tokens
     supervision.py    the interface of optional extra supervision (`Extra`, `ExtraLoss`)
     extras/           the synthetic demo's extras: dense image-token loss, grounding, recovery
-    data/             the record type, the JSONL format, the synthetic generators
+    data/             the record type, the JSONL format and its up-front check, the synthetic generators
     evaluate.py       pointing, counting and clock accuracy through an engine
+    evaluate_data.py  pointing, counting and exact match on your own JSONL data (`molmo eval --data`)
     cli.py            `molmo train`, `molmo eval`
 """

@@ -1,5 +1,7 @@
 """`molmo train` and `molmo eval` (dispatched from molmo_cli).
 
+    molmo train --init-from CKPT --data train.jsonl --val-data val.jsonl --out runs/mine
+    molmo eval --model runs/mine/model --data val.jsonl [--engine reference]
     molmo train --preset demo-gpu                      # the demo model, 450 s on one GPU
     molmo train --preset demo                          # the CPU demo model, ~45 min on 2 cores
     molmo train --config run.toml [--set run.steps=50 --set data.batch_size=2]
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from training.config import RUN_PRESETS, TrainConfig, run_preset
+from training.config import RUN_PRESETS, RunError, TrainConfig, run_preset
+from training.recipe import COMPONENTS
 
 TASKS = ("point", "count", "clock")
 
@@ -47,8 +51,15 @@ def _apply_sets(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return d
 
 
-def build_config(preset: str | None, config: str | None, sets: list[str]) -> TrainConfig:
-    """The run's config: a preset and/or a file, then --set overrides (checked by key)."""
+def build_config(preset: str | None, config: str | None, sets: list[str], flags: argparse.Namespace | None = None) -> TrainConfig:
+    """The run's config: a preset and/or a file, the fine-tuning flags (`--data`,
+    `--init-from`, ...), then --set overrides (checked by key). Without data, a preset or a
+    file it is a usage error: no default run writes anywhere."""
+    data = getattr(flags, "data", None)
+    if not (preset or config or data):
+        raise ValueError("say what to train on: --data TRAIN.jsonl (your data; with --init-from CKPT), "
+                         "--preset NAME (see --list-presets) or --config FILE")  # fmt: skip
+    d: dict[str, Any] = {}
     if config:
         p = Path(config)
         if p.suffix == ".toml":
@@ -59,16 +70,56 @@ def build_config(preset: str | None, config: str | None, sets: list[str]) -> Tra
             d = json.loads(p.read_text())
         else:
             raise ValueError(f"--config: {p} must be a .toml or .json file")
-        if preset:
-            d.setdefault("preset", preset)
-    else:
-        d = {"preset": preset or "demo"}
-    return TrainConfig.from_dict(_apply_sets(d, sets))
+    if preset:
+        d.setdefault("preset", preset)
+    if flags is not None:
+        _apply_flags(d, flags, own_recipe=not (preset or config))
+    cfg = TrainConfig.from_dict(_apply_sets(d, sets))
+    if flags is not None and flags.lr_scale is not None:
+        if flags.lr_scale <= 0:
+            raise ValueError(f"--lr-scale must be > 0, got {flags.lr_scale}")
+        for c in COMPONENTS:
+            setattr(cfg.optim, f"{c}_lr", getattr(cfg.optim, f"{c}_lr") * flags.lr_scale)
+    if flags is not None and flags.val_data and "eval_every" not in d.get("run", {}):
+        cfg.run.eval_every = cfg.run.steps  # one quick evaluation of the val data, at the end
+    return cfg
+
+
+def _apply_flags(d: dict[str, Any], a: argparse.Namespace, own_recipe: bool) -> None:
+    """The fine-tuning flags as config keys. `own_recipe`: no preset or file chose the
+    optimiser, so it is the paper's fine-tuning recipe."""
+    sections = {k: dict(d.get(k) or {}) for k in ("model", "data", "optim", "run")}
+    if a.data:
+        sections["data"].update(source="jsonl", path=a.data)
+        if own_recipe:
+            sections["optim"].setdefault("preset", "finetune")
+            sections["run"].setdefault("resume", a.resume)  # an earlier run's checkpoints need --resume
+    for value, (section, key) in ((a.val_data, ("data", "val_path")), (a.init_from, ("model", "init_from")),
+                                  (a.out, ("run", "out_dir")), (a.steps, ("run", "steps")),
+                                  (a.batch_size, ("data", "batch_size")), (a.max_len, ("data", "max_len")),
+                                  (a.time_limit, ("run", "time_limit_s"))):  # fmt: skip
+        if value is not None:
+            sections[section][key] = value
+    if a.resume:
+        sections["run"]["resume"] = True
+    d.update({k: v for k, v in sections.items() if v})
 
 
 def train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="molmo train", description="Train Molmo with the paper's recipe.")
-    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="a named run (default: demo)")
+    p = argparse.ArgumentParser(
+        prog="molmo train", description="Train Molmo with the paper's recipe: fine-tune a checkpoint on your "
+        "JSONL data (--init-from CKPT --data train.jsonl), or run a preset or config file.")  # fmt: skip
+    p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint (served or Ai2's release layout)")
+    p.add_argument("--data", metavar="TRAIN.jsonl", help="your training data (format: training/data/jsonl.py)")
+    p.add_argument("--val-data", metavar="VAL.jsonl", help="held-out data scored during and at the end of the run")
+    p.add_argument("--out", metavar="DIR", help="the run folder (default for --data: runs/train)")
+    p.add_argument("--steps", type=int, help="optimizer steps (run.steps)")
+    p.add_argument("--batch-size", type=int, help="images per device per micro-batch (data.batch_size)")
+    p.add_argument("--lr-scale", type=float, help="multiply every component's learning rate")
+    p.add_argument("--max-len", type=int, help="tokens per packed sequence, image included (data.max_len)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (and export) after this long")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (its config must not change)")
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="a named run (--list-presets)")
     p.add_argument("--config", help="a .toml or .json TrainConfig (training/config.py)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field, e.g. --set run.steps=100 (repeatable)")  # fmt: skip
@@ -78,10 +129,11 @@ def train(argv: list[str]) -> int:
     if a.list_presets:
         for name in sorted(RUN_PRESETS):
             run = run_preset(name).run
-            print(f"{name:12s} steps={run.steps} out_dir={run.out_dir}")
+            print(f"{name:12s} steps={run.steps} out_dir={run.out_dir} export_dir={run.export_dir or '-'}")
         return 0
     try:
-        cfg = build_config(a.preset, a.config, a.set)
+        cfg = build_config(a.preset, a.config, a.set, a)
+        cfg.check()
     except (ValueError, OSError) as e:
         print(f"molmo train: {e}", file=sys.stderr)
         return 2
@@ -90,8 +142,16 @@ def train(argv: list[str]) -> int:
         return 0
     from training.train import train as run_training
 
-    final = run_training(cfg)
-    print(f"final model: {final}")
+    try:
+        final = run_training(cfg)
+    except RunError as e:
+        print(f"molmo train: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(f"final model: {final}")
+        print(f"serve it:    molmo serve --model {final}")
+        check = f"--data {cfg.data.val_path}" if cfg.data.val_path else "--data VAL.jsonl"
+        print(f"evaluate it: molmo eval --model {final} {check}")
     return 0
 
 
@@ -99,7 +159,13 @@ def evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="molmo eval", description="Pointing, counting and clock accuracy.")
     p.add_argument("--model", required=True, help="a checkpoint folder (served layout)")
     p.add_argument("--engine", choices=("vllm", "reference"), default="vllm")
-    p.add_argument("--examples", type=int, default=200, help="held-out images to ask about")
+    p.add_argument("--data", metavar="VAL.jsonl", help="score your own held-out JSONL data instead of "
+                   "synthetic scenes (metrics: training/evaluate_data.py)")
+    p.add_argument("--point-threshold", type=float, default=None,
+                   help="with --data: a predicted point hits a true one within this fraction of the "
+                   "image diagonal (default 0.05)")
+    p.add_argument("--examples", type=int, default=None,
+                   help="held-out images to ask about (default 200); with --data: the first N queries")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--start", type=int, default=0, help="first example index of the split")
     p.add_argument("--tasks", default="point,count,clock", help="comma-separated: point,count,clock")
@@ -110,6 +176,9 @@ def evaluate(argv: list[str]) -> int:
     p.add_argument("--out", help="write the JSON report here (default: MODEL/eval_report.json)")
     p.add_argument("--answers", action="store_true", help="include every answer in the report")
     a = p.parse_args(argv)
+    if a.data:
+        return _evaluate_data(a)
+    a.examples = 200 if a.examples is None else a.examples
     tasks = tuple(t for t in a.tasks.split(",") if t)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -129,20 +198,58 @@ def evaluate(argv: list[str]) -> int:
     if "clock" in tasks and synthetic.clock_fraction == 0.0:
         tasks = tuple(t for t in tasks if t != "clock")  # the model's data has no clocks
 
-    from training.evaluate import ReferenceEngine, VllmEngine, held_out_queries, run_eval
+    from training.evaluate import held_out_queries, run_eval
 
     queries = held_out_queries(a.examples, synthetic, a.split, a.start, tasks)
-    if a.engine == "vllm":
-        engine = VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
-    else:
-        engine = ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens)
-    report = run_eval(engine, queries, with_answers=a.answers)
+    report = run_eval(_engine(a, model_dir), queries, with_answers=a.answers)
     report = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
               "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}), **report}  # fmt: skip
     out = Path(a.out) if a.out else model_dir / "eval_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: report[k] for k in ("pointing", "counting", "clock") if k in report}
     print(json.dumps(summary, indent=2))
+    print(f"report: {out}")
+    return 0
+
+
+def _engine(a: argparse.Namespace, model_dir: Path):
+    from training.evaluate import ReferenceEngine, VllmEngine
+
+    if a.engine == "vllm":
+        return VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
+    return ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens)
+
+
+def _evaluate_data(a: argparse.Namespace) -> int:
+    """`molmo eval --data VAL.jsonl`: pointing, counting and exact match on your data."""
+    from training.evaluate_data import POINT_THRESHOLD, data_queries, format_table, run_data_eval
+
+    model_dir = Path(a.model)
+    threshold = POINT_THRESHOLD if a.point_threshold is None else a.point_threshold
+    if not (model_dir / "config.json").exists():
+        print(f"molmo eval: --model {model_dir} has no config.json", file=sys.stderr)
+        return 2
+    if not 0 < threshold <= 1:
+        print(f"molmo eval: --point-threshold must be in (0, 1], got {threshold}", file=sys.stderr)
+        return 2
+    try:
+        queries = data_queries(a.data, a.examples)
+    except OSError as e:
+        print(f"molmo eval: --data: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # names file:line:field
+        print(f"molmo eval: {e}", file=sys.stderr)
+        return 2
+    if not queries:
+        print(f"molmo eval: {a.data} has no annotations", file=sys.stderr)
+        return 2
+    report = run_data_eval(_engine(a, model_dir), queries, threshold)
+    if not a.answers:
+        report.pop("per_query")
+    report = {"model": str(model_dir), "engine": a.engine, "data": str(a.data), **report}
+    out = Path(a.out) if a.out else model_dir / f"eval_{Path(a.data).stem}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
     print(f"report: {out}")
     return 0
 

@@ -43,6 +43,11 @@ from training.extras.recovery import RecoveryConfig
 from training.recipe import OPTIM_PRESETS, OptimConfig
 
 
+class RunError(ValueError):
+    """What was asked of a run cannot be done (its config, its folder, its data): the message
+    says why for the user; `molmo train` prints it and exits 2."""
+
+
 @dataclass
 class ModelSpec:
     """Which model to train: a preset shape with fresh weights, or an existing checkpoint."""
@@ -52,6 +57,9 @@ class ModelSpec:
     init: str = "scaled"  # fresh weights: "scaled" (fan-in, recipe.init_from_scratch) or "uniform" (std init_std)
     init_std: float = 0.02  # std of every fresh weight matrix when init = "uniform"
     max_crops: int | None = None  # overrides the preset's preprocess.max_crops
+    # Overrides the preset's preprocess.image_mask_rule ("ai2" or "per_crop"; image_masks.py).
+    # Presets use Ai2's rule, `demo` the per-crop rule the committed demo model was trained with.
+    image_mask_rule: str | None = None
     llm: dict[str, Any] = field(default_factory=dict)  # LLMConfig field overrides
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig field overrides
 
@@ -71,6 +79,8 @@ class ModelSpec:
             cfg.vision = _build(VisionConfig, {**dataclasses.asdict(cfg.vision), **self.vision}, "model.vision")
         if self.max_crops is not None:
             cfg.preprocess = dataclasses.replace(cfg.preprocess, max_crops=self.max_crops)
+        if self.image_mask_rule is not None:
+            cfg.preprocess = dataclasses.replace(cfg.preprocess, image_mask_rule=self.image_mask_rule)
         return cfg
 
 
@@ -80,6 +90,7 @@ class DataConfig:
 
     source: str = "synthetic"  # "synthetic" (generated from seeds) or "jsonl"
     path: str | None = None  # the JSONL file when source = "jsonl"
+    val_path: str | None = None  # held-out JSONL scored by the quick evaluations (`run.eval_every`)
     split: str = "train"  # synthetic split
     size: int = 10**9  # synthetic examples available (a fresh image per index)
     scene: dict[str, Any] = field(default_factory=dict)  # SceneConfig overrides
@@ -117,7 +128,7 @@ class DataConfig:
 class RunConfig:
     """Length, logging, checkpoints and hardware of a run."""
 
-    out_dir: str = "runs/demo"  # log.jsonl, loss.png, checkpoints/, model/
+    out_dir: str = "runs/train"  # log.jsonl, loss.png, checkpoints/, model/
     steps: int = 1000  # optimizer steps; the LR schedule spans them
     seed: int = 0
     log_every: int = 10
@@ -132,7 +143,7 @@ class RunConfig:
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
     response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
-    export_dir: str | None = None  # also write the final served model here
+    export_dir: str | None = None  # also write the final served model here ("" = nowhere else)
     time_limit_s: float = 0.0  # stop (checkpoint + final model) once the loop has run this long; 0 = no limit
     schedule_by_time: bool = False  # with time_limit_s: after the warmup (by steps) the LR schedule
     # runs at least as fast as wall time (the time left mapped onto the steps left), so the decay
@@ -154,6 +165,9 @@ class RunConfig:
             raise ValueError(f"run.save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if self.log_every < 1 or self.save_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("run.log_every and run.keep_checkpoints must be >= 1, save_every/eval_every >= 0")
+        if self.time_limit_s < 0:
+            raise ValueError(f"run.time_limit_s must be >= 0, got {self.time_limit_s}")
+        self.export_dir = self.export_dir or None  # TOML has no null: "" means no export
 
 
 # Where the extras' keys lived before they got their own section: (section, key) -> extras table, key.
@@ -168,6 +182,15 @@ ALIASES: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+# Fields a resumed run may change: how it is watched and stored, and how long it may run.
+# Anything else changes what the checkpoint's step means, and `--resume` refuses it.
+RESUMABLE_CHANGES = frozenset({
+    "run.resume", "run.progress", "run.time_limit_s", "run.log_every", "run.save_every",
+    "run.keep_checkpoints", "run.eval_every", "run.eval_examples", "run.threads", "run.export_dir",
+    "data.num_workers",
+})  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -178,6 +201,35 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Rules across sections, checked before a run starts (a ValueError names the field)."""
+        if self.model.init_from is None and self.model.preset == "molmo-7b-d":
+            raise ValueError("model.init_from is required for the molmo-7b-d shape (--init-from CKPT): "
+                             "random 7B weights with the demo's 512-token tokenizer train nothing useful")
+        if self.data.source == "jsonl":
+            switches = {"extras.dense.weight": self.extras.dense.weight,
+                        "extras.grounding.weight": self.extras.grounding.weight,
+                        "extras.recovery.prob": self.extras.recovery.prob}  # fmt: skip
+            on = [name for name, value in switches.items() if value > 0]
+            if on:
+                raise ValueError(f"{on[0].rsplit('.', 1)[0]} is the synthetic demo's supervision and does not run "
+                                 f"on JSONL data (data.source = 'jsonl'); turn it off: --set {on[0]}=0")
+        elif self.data.val_path:
+            raise ValueError("data.val_path is for JSONL data; synthetic runs evaluate on their own val split")
+
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """The fields (`section.key`) where this config differs from a saved `to_dict()`,
+        except those a resumed run may change (`RESUMABLE_CHANGES`)."""
+        now = self.to_dict()
+        changed = []
+        for section, values in now.items():
+            old = saved.get(section, {})
+            for key, value in values.items():
+                name = f"{section}.{key}"
+                if name not in RESUMABLE_CHANGES and json.loads(json.dumps(value)) != old.get(key):
+                    changed.append(name)
+        return changed
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -57,20 +57,39 @@ class StepLog:
 
 
 def quick_eval(model: MolmoForCausalLM, tokenizer, cfg: TrainConfig) -> dict[str, float]:
-    """Pointing F1 / counting accuracy on held-out validation images (reference generator)."""
+    """Held-out scores through the reference generator: on JSONL data the first
+    `run.eval_examples` queries of `data.val_path` (pointing F1, counting and exact-match
+    accuracy), on synthetic data pointing F1 and counting accuracy on validation scenes."""
     from training.evaluate import ReferenceEngine, held_out_queries, run_eval
 
-    queries = held_out_queries(cfg.run.eval_examples, cfg.data.synthetic(), split="val",
-                               tasks=("point", "count"))  # fmt: skip
     was_training = model.training
-    report = run_eval(ReferenceEngine(model, tokenizer, max_new_tokens=200), queries)
-    model.train(was_training)
+    engine = ReferenceEngine(model, tokenizer, max_new_tokens=200)
     out = {}
+    if cfg.data.source == "jsonl":
+        from training.evaluate_data import data_queries, run_data_eval
+
+        if not cfg.data.val_path:
+            return {}
+        report = run_data_eval(engine, data_queries(cfg.data.val_path, cfg.run.eval_examples))
+        if "exact_match" in report:
+            out["eval_exact_match"] = report["exact_match"]["accuracy"]
+    else:
+        queries = held_out_queries(cfg.run.eval_examples, cfg.data.synthetic(), split="val",
+                                   tasks=("point", "count"))  # fmt: skip
+        report = run_eval(engine, queries)
+    model.train(was_training)
     if "pointing" in report:
         out["eval_pointing_f1"] = report["pointing"]["f1"]
     if "counting" in report:
         out["eval_counting_accuracy"] = report["counting"]["accuracy"]
     return out
+
+
+def eta_seconds(steps_done: int, elapsed: float, steps_left: int, time_limit: float) -> float:
+    """Seconds until the run ends: the steps left at the pace so far, or the time left under
+    `time_limit` (0 = none) when that comes first."""
+    by_steps = elapsed / steps_done * steps_left if steps_done else math.inf
+    return min(by_steps, max(time_limit - elapsed, 0.0)) if time_limit > 0 else by_steps
 
 
 def plot_losses(log_path: Path, out: Path) -> None:
@@ -87,9 +106,14 @@ def plot_losses(log_path: Path, out: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="token loss")
+    extras = sorted({k for r in rows for k in r if k.endswith("_loss")})  # the extras' losses
+    for key in extras:
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], lw=1, label=key)
+    if extras:
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean per answer token)")
+    ax.set_ylabel("loss (token loss: mean per answer token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     evals = [r for r in rows if "eval_pointing_f1" in r]

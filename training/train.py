@@ -25,6 +25,7 @@ written to `run.export_dir` when set).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
 import time
@@ -43,6 +44,7 @@ from molmo_model.model import MolmoForCausalLM
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import MolmoTokenizer, build_tokenizer
 from training.checkpointing import (
+    TRAIN_CONFIG_FILE,
     config_file,
     full_state_dicts,
     latest_checkpoint,
@@ -51,11 +53,12 @@ from training.checkpointing import (
     save_training_checkpoint,
     unwrap,
 )
-from training.config import TrainConfig
+from training.config import RunError, TrainConfig
+from training.data.check import DataError, check_jsonl
 from training.distributed import Dist, all_reduce_sum, setup_distributed
 from training.loader import StepBatches
 from training.recipe import COMPONENTS, build_optimizer, init_from_scratch
-from training.run_log import StepLog, plot_losses, quick_eval
+from training.run_log import StepLog, eta_seconds, plot_losses, quick_eval
 from training.step import train_step
 from training.supervision import ExtraLoss
 
@@ -84,17 +87,29 @@ class Run:
 # ---------------------------------------------------------------- setup
 
 
-def build_model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MolmoForCausalLM, MolmoTokenizer, MolmoConfig]:
-    """The same fresh weights on every rank (same seed), or a checkpoint's."""
+def model_spec(cfg: TrainConfig) -> tuple[MolmoTokenizer, MolmoConfig]:
+    """The tokenizer and model config of a run (an `init_from` checkpoint's own, with its
+    tokenizer), without building the model."""
     if cfg.model.init_from is not None:
-        tokenizer = MolmoTokenizer.from_dir(cfg.model.init_from)
+        source = Path(cfg.model.init_from)
+        if not (source / "config.json").is_file():
+            raise RunError(f"model.init_from: {source} is not a checkpoint folder (no config.json)")
+        tokenizer = MolmoTokenizer.from_dir(source)
     else:
         tokenizer = build_tokenizer()
-    config = cfg.model.build(tokenizer.embedding_size)
+    return tokenizer, cfg.model.build(tokenizer.embedding_size)
+
+
+def build_model(
+    cfg: TrainConfig, resume_from: Path | None, spec: tuple[MolmoTokenizer, MolmoConfig] | None = None
+) -> tuple[MolmoForCausalLM, MolmoTokenizer, MolmoConfig]:
+    """The same fresh weights on every rank (same seed), or a checkpoint's."""
+    tokenizer, config = spec or model_spec(cfg)
     if resume_from is not None or cfg.model.init_from is not None:
         model, _, _ = load_checkpoint(resume_from or cfg.model.init_from, with_tokenizer=False)
         model.im_patch_id = tokenizer.im_patch_id
         model.config = config  # keeps spec overrides such as max_crops
+        model.model.vision_backbone.geo = config.preprocess  # and image_mask_rule
     else:
         torch.manual_seed(cfg.run.seed)
         model = MolmoForCausalLM(config, im_patch_id=tokenizer.im_patch_id)
@@ -103,6 +118,46 @@ def build_model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MolmoForCau
         else:
             model.init_weights(std=cfg.model.init_std, seed=cfg.run.seed)
     return model, tokenizer, config
+
+
+def preflight(cfg: TrainConfig, preprocessor: MolmoPreprocessor, main: bool = True) -> Path | None:
+    """Everything checked before the model is built; raises RunError (the CLI exits 2).
+    The config's cross-section rules; the run folder: its newest checkpoint to resume (with
+    `run.resume`, refused when the config changed since) or none there at all; every line
+    and image of JSONL data (training/data/check.py), whose summary rank 0 prints.
+    Returns the checkpoint to resume from."""
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    run_dir = Path(cfg.run.out_dir)
+    newest = latest_checkpoint(run_dir)
+    if newest is not None and not cfg.run.resume:
+        raise RunError(f"{run_dir} holds the checkpoints of an earlier run (newest: {newest.name}); "
+                       "continue it with --resume or choose another --out")  # fmt: skip
+    if newest is not None:
+        saved = json.loads((newest / TRAIN_CONFIG_FILE).read_text())
+        changed = cfg.changes_from(saved)
+        if changed:
+            now = cfg.to_dict()
+            diffs = [f"{k} ({_get(saved, k)!r} -> {_get(now, k)!r})" for k in changed]
+            raise RunError(f"cannot resume {newest}: the config changed since it was saved: {'; '.join(diffs)}. "
+                           "Resume with the same settings, or start a new run with another --out")  # fmt: skip
+    for name in ("path", "val_path"):
+        path = getattr(cfg.data, name) if cfg.data.source == "jsonl" else None
+        if path:
+            try:
+                report = check_jsonl(path, preprocessor, cfg.data.max_len)
+            except DataError as e:
+                raise RunError(str(e)) from None
+            if main:
+                print(report.summary(cfg.data.max_len), flush=True)
+    return newest
+
+
+def _get(d: dict, dotted: str) -> object:
+    section, key = dotted.split(".", 1)
+    return d.get(section, {}).get(key)
 
 
 def _shard_fsdp(model: MolmoForCausalLM) -> nn.Module:
@@ -142,10 +197,11 @@ def setup(cfg: TrainConfig) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     fsdp = cfg.run.parallel == "fsdp" and d.enabled
 
-    resume_from = latest_checkpoint(run_dir) if cfg.run.resume else None
-    model, tokenizer, config = build_model(cfg, resume_from)
-    model.to(d.device).train()
+    tokenizer, config = model_spec(cfg)
     preprocessor = MolmoPreprocessor(config.preprocess, tokenizer)
+    resume_from = preflight(cfg, preprocessor, d.main)
+    model, tokenizer, config = build_model(cfg, resume_from, (tokenizer, config))
+    model.to(d.device).train()
     extras = cfg.extras.build(cfg.data, preprocessor)
     losses = [loss for x in extras if (loss := x.bind(model, d.device, cfg.run.seed)) is not None]
     if losses and fsdp:
@@ -283,7 +339,9 @@ def train(cfg: TrainConfig, now: Callable[[], float] = time.perf_counter) -> Pat
     if run.d.main and cfg.run.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.run.steps, initial=run.start, desc="train", dynamic_ncols=True)
+        # tqdm's own ETA counts steps; ours (`eta` in the postfix) also follows the time limit.
+        bar = tqdm(total=cfg.run.steps, initial=run.start, desc="train", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # fmt: skip
     wall = WallTime(cfg, run.start, now)
     step = run.start
     for micro_batches in run.loader:
@@ -296,7 +354,8 @@ def train(cfg: TrainConfig, now: Callable[[], float] = time.perf_counter) -> Pat
         run.log.add(elapsed - began, metrics)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            eta = eta_seconds(step - run.start, elapsed, cfg.run.steps - step, cfg.run.time_limit_s)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", eta=f"{int(eta) // 60}:{int(eta) % 60:02d}")
         out_of_time = wall.out_of_time(elapsed, run.d)
         # The last step of a run stopped by its time limit is logged and saved too.
         if step % cfg.run.log_every == 0 or step == cfg.run.steps or out_of_time:
