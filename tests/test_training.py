@@ -7,15 +7,16 @@ in float32, hence the 1e-6 tolerance); the 2-process test uses torch.multiproces
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 from kernels import annotation_mask
 from molmo_model.checkpoint import load_checkpoint
@@ -47,11 +48,6 @@ from training.recipe import (
 from training.train import train
 
 SCENES = SyntheticConfig(scene=SceneConfig(**DEMO_SCENE), clock_fraction=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -374,12 +370,6 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, dense_loss):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-6, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
@@ -393,7 +383,7 @@ def test_two_process_gloo_run_equals_one_process_run(tmp_path):
     # dense and grounding losses are on: the dense head (outside DDP) must be averaged across
     # processes too, and both normalised by their counts over all processes.
     train(_run_config(one, steps=2, batch_size=2, device="cpu", dense=0.5, grounding=0.5))
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(two)), nprocs=2, join=True)
     a, b = _losses(one), _losses(two)
     for step in (1, 2):
         assert b[step] == pytest.approx(a[step], rel=1e-5)
@@ -745,39 +735,36 @@ def test_grounding_loss_is_the_cross_entropy_of_the_heads_real_attention(pre, co
     from molmo_model.model import apply_rope, rope_cos_sin
     from training.extras.grounding import GroundingLoss, grounding_targets
 
-    model = model64.float()
-    try:
-        ex = _example()
-        one = next(e for e in split_annotations(ex) if e.annotations[0].points)
-        packed = pack_example(one, pre, 1024)
-        g = grounding_targets(one, packed, config.preprocess, tok, tok.im_patch_id)
-        batch = collate([packed], tok.pad_id, _tokens_per_crop(config))
-        g = g.for_row(0)
-        loss_fn = GroundingLoss(model, (1,))
-        captured = {}
-        block = model.model.transformer.blocks[1]
-        handle = block.attn_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
-        with torch.no_grad():
-            model(**batch.model_inputs())
-            got = loss_fn(g, batch.position_ids, batch.segment_ids)
-        handle.remove()
-        lc = config.llm
-        b, s, _ = captured["x"].shape
-        qkv = block.att_proj(captured["x"])
-        q, k, _ = qkv.split([lc.num_attention_heads * lc.head_dim, lc.num_key_value_heads * lc.head_dim,
-                             lc.num_key_value_heads * lc.head_dim], dim=-1)  # fmt: skip
-        q = q.view(b, s, lc.num_attention_heads, lc.head_dim).transpose(1, 2)
-        k = k.view(b, s, lc.num_key_value_heads, lc.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(batch.position_ids, lc.head_dim, lc.rope_theta, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        scores = (q[0, 0] @ k[0, 0].T) / lc.head_dim**0.5  # head 0 and its KV head
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        rows = probs[g.positions]  # [Q, S]
-        want = -(g.target * rows.gather(1, g.keys).log()).sum()
-        assert float(got) == pytest.approx(float(want), rel=1e-4)
-    finally:
-        model.double()
+    model = copy.deepcopy(model64).float()  # the shared fixture stays as it is
+    ex = _example()
+    one = next(e for e in split_annotations(ex) if e.annotations[0].points)
+    packed = pack_example(one, pre, 1024)
+    g = grounding_targets(one, packed, config.preprocess, tok, tok.im_patch_id)
+    batch = collate([packed], tok.pad_id, _tokens_per_crop(config))
+    g = g.for_row(0)
+    loss_fn = GroundingLoss(model, (1,))
+    captured = {}
+    block = model.model.transformer.blocks[1]
+    handle = block.attn_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    with torch.no_grad():
+        model(**batch.model_inputs())
+        got = loss_fn(g, batch.position_ids, batch.segment_ids)
+    handle.remove()
+    lc = config.llm
+    b, s, _ = captured["x"].shape
+    qkv = block.att_proj(captured["x"])
+    q, k, _ = qkv.split([lc.num_attention_heads * lc.head_dim, lc.num_key_value_heads * lc.head_dim,
+                         lc.num_key_value_heads * lc.head_dim], dim=-1)  # fmt: skip
+    q = q.view(b, s, lc.num_attention_heads, lc.head_dim).transpose(1, 2)
+    k = k.view(b, s, lc.num_key_value_heads, lc.head_dim).transpose(1, 2)
+    cos, sin = rope_cos_sin(batch.position_ids, lc.head_dim, lc.rope_theta, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = (q[0, 0] @ k[0, 0].T) / lc.head_dim**0.5  # head 0 and its KV head
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    rows = probs[g.positions]  # [Q, S]
+    want = -(g.target * rows.gather(1, g.keys).log()).sum()
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
 
 
 # ---------------------------------------------------------------- order recovery
