@@ -428,8 +428,8 @@ def prompt_text(messages: list[dict[str, Any]] | str) -> str:
     """The text part of a Molmo prompt: " User: q1 Assistant: a1 User: q2 Assistant:".
 
     `messages` is a question string or a list of {"role", "content"} dicts with roles
-    "user", "assistant" or "system". System texts (in order) are joined and prepended, with a
-    space, to the first user turn. An assistant turn is " " + its text; the text ends with
+    "user", "assistant" or "system". Every text is stripped; non-empty system texts (in order)
+    are joined and prepended, with a space, to the first user turn. An assistant turn is " " + its text; the text ends with
     " Assistant:" after a user turn, ready for generation (or for a training target to follow).
     """
     if isinstance(messages, str):
@@ -452,8 +452,10 @@ def prompt_text(messages: list[dict[str, Any]] | str) -> str:
             raise ValueError(
                 f"messages[{i}].content must be a string, got {type(content).__name__}"
             )
+        content = content.strip()  # one normal form, however a caller or a data file spaced it
         if role == "system":
-            system.append(content)
+            if content:  # an empty system message (common from OpenAI clients) adds nothing
+                system.append(content)
         else:
             turns.append((role, content))
     if not any(role == "user" for role, _ in turns):
@@ -462,7 +464,7 @@ def prompt_text(messages: list[dict[str, Any]] | str) -> str:
     for role, content in turns:
         if role == "user":
             if system:
-                content = " ".join([*system, content])
+                content = " ".join(t for t in [*system, content] if t)
                 system = []
             parts.append(f" User: {content} Assistant:")
         else:

@@ -43,6 +43,7 @@ from helpers import vllm_engine
 from molmo_model.checkpoint import load_checkpoint
 from molmo_model.generate import generate
 from molmo_model.preprocessing import MolmoPreprocessor
+from molmo_vllm.prompt import build_prompt
 
 pytestmark = pytest.mark.vllm
 
@@ -135,17 +136,12 @@ def test_the_goldens_see_mask_rule_and_add_not_replace(release, reference_inputs
 def test_vllm_matches_ai2(release):
     from vllm import SamplingParams
 
-    path, _, _ = release
+    path, _, pre = release
     params = SamplingParams(
         temperature=0.0, max_tokens=ai2_release.NEW_TOKENS, logprobs=5, ignore_eos=True
     )
-    prompts = [
-        {
-            "prompt": f" User: {GOLDEN['prompt']} Assistant:",
-            "multi_modal_data": {"image": _image(name)},
-        }
-        for name in NAMES
-    ]
+    # The server's prompt builder, so the prompt under test is the one that is served.
+    prompts = [build_prompt(pre.tokenizer, GOLDEN["prompt"], [_image(name)]) for name in NAMES]
     with vllm_engine(path, limit_mm_per_prompt={"image": 1}, max_num_seqs=len(NAMES)) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
     worst = 0.0

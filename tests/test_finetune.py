@@ -180,14 +180,22 @@ def _flags(*argv: str):
 
 def test_the_demos_extras_never_run_on_jsonl_data(tmp_path, capsys):
     # The fine-tuning config switches none on; asking for one on JSONL data is refused.
-    mine = cli.build_config(None, None, [], _flags("--data", "d.jsonl"))
+    mine = cli.build_config(None, None, [], _flags("--data", "d.jsonl", "--init-from", "ckpt"))
     assert mine.extras.build(mine.data, None) == []  # no order recovery rewriting the answers
     for key in ("extras.recovery.prob=0.5", "extras.dense.weight=1", "extras.grounding.weight=1"):
-        cfg = cli.build_config(None, None, [key], _flags("--data", "d.jsonl"))
+        cfg = cli.build_config(None, None, [key], _flags("--data", "d.jsonl", "--init-from", "ckpt"))
         with pytest.raises(ValueError, match=key.split("=")[0].rsplit(".", 1)[0] + ".*does not run on JSONL"):
             cfg.check()
     assert cli.train(["--preset", "demo", "--data", "d.jsonl"]) == 2  # the demo's extras on user data
     assert "extras.dense is the synthetic demo's supervision" in capsys.readouterr().err
+
+
+def test_data_without_a_checkpoint_to_start_from_is_a_usage_error(capsys):
+    # A random model at fine-tuning rates would train for the whole schedule and learn nothing.
+    assert cli.train(["--data", "d.jsonl"]) == 2
+    assert "give --init-from CKPT" in capsys.readouterr().err
+    scratch = cli.build_config(None, None, ["model.preset=tiny"], _flags("--data", "d.jsonl"))
+    assert scratch.model.preset == "tiny" and scratch.model.init_from is None
 
 
 BAD_LINES = {

@@ -110,3 +110,28 @@ def test_hf_config_shim_reads_our_config_json(tmp_path):
     assert isinstance(hf, MolmoHFConfig)
     assert hf.hidden_size == 128 and hf.rope_theta == 10_000.0
     assert MolmoConfig.from_hf_dict(json.loads(hf.to_json_string())) == cfg
+
+
+def test_one_normal_form_of_text(tok):
+    # Surrounding whitespace and empty system messages (common from OpenAI clients) do not
+    # change the prompt, however the chat arrives.
+    plain = build_prompt(tok, "How many red circles are there?")
+    assert build_prompt(tok, "How many red circles are there?\n") == plain
+    assert build_prompt(tok, [{"role": "system", "content": ""},
+                              {"role": "user", "content": " How many red circles are there? "}]) == plain  # fmt: skip
+    assert tok.decode(plain["prompt_token_ids"][1:]) == " User: How many red circles are there? Assistant:"
+
+
+def test_training_sequences_start_with_the_served_prompt(tok):
+    """What a model is fine-tuned on (training.packing) is what it is served
+    (molmo_vllm.prompt), for user text as loosely spaced as real JSONL."""
+    from training.data.records import Annotation
+    from training.packing import annotation_tokens
+
+    question, answer = "How many red circles are there?\n", " There are 3.\n"
+    ann = Annotation(messages=[{"role": "user", "content": question},
+                               {"role": "assistant", "content": answer}])  # fmt: skip
+    ids, is_answer = annotation_tokens(ann, tok)
+    served = build_prompt(tok, question)["prompt_token_ids"][1:]  # after BOS
+    assert ids[: len(served)] == served and not any(is_answer[: len(served)])
+    assert ids[len(served) :] == [*tok.encode(" There are 3."), tok.eos_id]

@@ -74,6 +74,11 @@ def build_config(preset: str | None, config: str | None, sets: list[str], flags:
         d.setdefault("preset", preset)
     if flags is not None:
         _apply_flags(d, flags, own_recipe=not (preset or config))
+    if (flags is not None and flags.data and not (preset or config) and not flags.init_from
+            and not any(item.strip().startswith("model.") for item in sets)):  # fmt: skip
+        raise ValueError("--data fine-tunes a checkpoint: give --init-from CKPT (a Molmo checkpoint folder, "
+                         "Ai2's release layout included); to train a new model from scratch instead, choose "
+                         "its shape with --set model.preset=NAME")  # fmt: skip
     cfg = TrainConfig.from_dict(_apply_sets(d, sets))
     if flags is not None and flags.lr_scale is not None:
         if flags.lr_scale <= 0:

@@ -139,7 +139,7 @@ def annotation_tokens(annotation: Annotation, tokenizer) -> tuple[list[int], lis
             piece = tokenizer.encode(prompt_text([{"role": "user", "content": content}]))
             answer = False
         elif role == "assistant":
-            piece = tokenizer.encode(" " + content)
+            piece = tokenizer.encode(" " + content.strip())  # as prompt_text writes earlier turns
             answer = True
         else:
             raise ValueError(f"messages[{i}].role must be 'user' or 'assistant', got {role!r}")

@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, now: Callable[[], float] = time.perf_counter) -> Pat
         if out_of_time:
             if run.d.main:
                 print(f"time limit of {cfg.run.time_limit_s:.0f} s reached at step {step}; "
-                      "the run resumes from here if started again with a larger limit")  # fmt: skip
+                      "the run resumes from here when started again with the same output folder")  # fmt: skip
             break
     if bar is not None:
         bar.close()
