@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 megapixels: above any camera a user is likely to send
 
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_STRIPE_PIXELS = 1 << 20  # pixels converted at once by to_rgb (a few MB of temporaries)
 
 
 class ImageError(ValueError):
@@ -57,23 +58,63 @@ def load_image(
     return to_rgb(image)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha composited on white, high bit depths scaled)."""
+def to_rgb(image: Image.Image, reduce: int = 1) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on white, high bit depths scaled);
+    `reduce` > 1 also shrinks the image by that factor (box filter) in the same pass.
+
+    Large images are converted in horizontal stripes of about `_STRIPE_PIXELS` pixels, so the
+    extra memory is a few MB whatever the image's size (a whole-image RGBA composite of a
+    64-megapixel image would hold three full-size copies at once).
+    """
+    if reduce < 1:
+        raise ValueError(f"reduce must be >= 1, got {reduce}")
     mode = image.mode
     if mode == "RGB":
-        return image
+        return image if reduce == 1 else image.reduce(reduce)
     try:
-        if mode in _HIGH_BIT_MODES:
-            return Image.fromarray(_to_uint8(np.asarray(image)), mode="L").convert("RGB")
-        if _has_alpha(image):
-            if mode == "La":  # premultiplied L + alpha: PIL only converts it through LA
-                image = image.convert("LA")
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
+        value_range = _value_range(image) if mode in _HIGH_BIT_MODES else None
+        width, height = image.size
+        if width * height <= _STRIPE_PIXELS:
+            rgb = _stripe_to_rgb(image, value_range)
+            return rgb if reduce == 1 else rgb.reduce(reduce)
+        rows = max(reduce, _STRIPE_PIXELS // width // reduce * reduce)  # a multiple of reduce
+        out = Image.new("RGB", (-(-width // reduce), -(-height // reduce)))
+        for top in range(0, height, rows):
+            stripe = _stripe_to_rgb(
+                image.crop((0, top, width, min(top + rows, height))), value_range
+            )
+            out.paste(stripe if reduce == 1 else stripe.reduce(reduce), (0, top // reduce))
+        return out
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot convert image mode {mode!r} to RGB: {e}") from e
+
+
+def _stripe_to_rgb(image: Image.Image, value_range: tuple[float, float] | None) -> Image.Image:
+    mode = image.mode
+    if mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_to_uint8(np.asarray(image), value_range), mode="L").convert("RGB")
+    if _has_alpha(image):
+        if mode == "La":  # premultiplied L + alpha: PIL only converts it through LA
+            image = image.convert("LA")
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _value_range(image: Image.Image) -> tuple[float, float]:
+    """(min, max) of a one-band image's finite values (non-finite ones count as 0), read in
+    stripes so no full-size float copy is made."""
+    width, height = image.size
+    rows = max(1, _STRIPE_PIXELS // max(width, 1))
+    lo, hi = np.inf, -np.inf
+    for top in range(0, height, rows):
+        x = np.asarray(image.crop((0, top, width, min(top + rows, height))))
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
 
 
 def _open(data: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: int) -> Image.Image:
@@ -143,29 +184,32 @@ def _has_alpha(image: Image.Image) -> bool:
     return "A" in bands or "a" in bands or "transparency" in image.info
 
 
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Scale a single-channel integer or float array to uint8.
+def _to_uint8(pixels: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale a single-channel integer or float array to uint8, in float32 (a float64 copy of
+    a 64-megapixel image is 512 MB).
 
     16-bit data (I;16*, or mode I with values in 0..65535 above 255) maps 65535 -> 255;
     mode I already in 0..255 is kept; floats in [0, 1] map 1.0 -> 255; floats in 0..255 are
-    kept; anything else is stretched from its minimum to its maximum.
+    kept; anything else is stretched from its minimum to its maximum. `value_range` is the
+    (min, max) of the whole image when `pixels` is one stripe of it (default: of `pixels`).
     """
-    x = pixels.astype(np.float64)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    x = pixels.astype(np.float32)
+    if x.dtype.kind == "f" and pixels.dtype.kind == "f" and not np.isfinite(x).all():
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(x.min()), float(x.max())
+    if value_range is None:
+        value_range = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    lo, hi = value_range
     if pixels.dtype.kind == "u" and pixels.dtype.itemsize == 2:
-        x = x / 257.0
+        x /= 257.0
     elif pixels.dtype.kind == "f":
         if lo >= 0.0 and hi <= 1.0:
-            x = x * 255.0
+            x *= 255.0
         elif not (lo >= 0.0 and hi <= 255.0):
-            x = (x - lo) / max(hi - lo, 1e-12) * 255.0
+            x = (x - np.float32(lo)) * np.float32(255.0 / max(hi - lo, 1e-12))
     elif lo >= 0 and hi <= 255:
         pass
     elif lo >= 0 and hi <= 65535:
-        x = x / 257.0
+        x /= 257.0
     else:
-        x = (x - lo) / max(hi - lo, 1.0) * 255.0
+        x = (x - np.float32(lo)) * np.float32(255.0 / max(hi - lo, 1.0))
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)

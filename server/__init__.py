@@ -6,7 +6,8 @@ Files, read in this order:
   config.py    ServerConfig: every knob of `molmo serve`, validated
   protocol.py  pydantic request/response models (OpenAI's chat schema + our `points` field)
   errors.py    APIError and the OpenAI-shaped error body
-  images.py    image_url parts -> decoded PIL images (data: URLs, optional http(s) fetch)
+  images.py    image_url parts -> decoded PIL images: allowed formats, header checks, a
+               bounded decode pool; optional http(s) fetch to checked addresses only
   points.py    model text -> points in pixels of the image they refer to
   metrics.py   Prometheus metrics of the server
   engine.py    building vLLM's AsyncLLM and reading the model folder

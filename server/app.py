@@ -8,7 +8,9 @@ the engine is ready, 503 before), GET /metrics (Prometheus).
 
 The gate (outermost, pure ASGI) counts every request by route and status, checks the API
 key on /v1/*, and enforces the body limit: a Content-Length over it, or a streamed body
-that grows over it, gets 413 before the app parses anything.
+that grows over it, gets 413 before the app parses anything; a body not received within
+--body-read-timeout gets 408, and a client that leaves during its upload is counted as 499.
+A dead engine makes the server exit with status 1 (see the lifespan).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "Invalid request (bad field, image, too many images, prompt too long)"),
         (401, "Missing or wrong API key"),
         (404, "Unknown model"),
+        (408, "Request body not received in time"),
         (413, "Request body too large"),
         (429, "Queue full"),
         (503, "Engine not ready"),

@@ -181,7 +181,9 @@ def serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.images import return_freed_images_to_the_os
 
+    return_freed_images_to_the_os()
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_POINT_OBJECTS = 16  # objects one /v1/point request may name
 
 # A 32x32 white PNG with a red square in the middle: the OpenAPI examples' image.
 _SMALL_PNG = (
@@ -282,7 +283,15 @@ class PointRequest(_Request):
     )
 
     image: str = Field(description="data: URL or plain base64 of a JPEG/PNG/WebP/GIF image")
-    object: str = Field(min_length=1, max_length=1000, description="what to point at")
+    object: str | None = Field(
+        None, min_length=1, max_length=1000, description="what to point at (or `objects`)"
+    )
+    objects: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_POINT_OBJECTS,
+        description="several things to point at in the same image: one result each",
+    )
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -290,9 +299,18 @@ class PointRequest(_Request):
 
     @model_validator(mode="after")
     def _check(self) -> PointRequest:
-        if not self.object.strip():
-            raise ValueError("object: must name something to point at (not only whitespace)")
+        if (self.object is None) == (self.objects is None):
+            raise ValueError("give exactly one of `object` (a string) or `objects` (a list)")
+        for i, name in enumerate([self.object] if self.objects is None else self.objects):
+            if not (name or "").strip():
+                where = "object" if self.objects is None else f"objects[{i}]"
+                raise ValueError(f"{where}: must name something to point at (not only whitespace)")
         return self
+
+    @property
+    def targets(self) -> list[str]:
+        """What to point at, in request order (one item for `object`)."""
+        return [self.object] if self.objects is None else list(self.objects)  # type: ignore[list-item]
 
 
 class PixelPoint(_Response):
@@ -308,6 +326,16 @@ class PointResponse(_Response):
     points: list[PixelPoint]
     count: int
     text: str
+    usage: Usage
+
+
+class PointManyResponse(_Response):
+    """The answer to a request with `objects`: `results[i]` answers `objects[i]`, in the
+    shape of a single-object response; `usage` sums the results' usage."""
+
+    id: str
+    model: str
+    results: list[PointResponse]
     usage: Usage
 
 

@@ -43,6 +43,7 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     Choice,
+    PointManyResponse,
     PointRequest,
     PointResponse,
     random_id,
@@ -191,6 +192,14 @@ class Serving:
         image_refs: list[tuple[str, str]],
         bare_base64: bool = False,
     ) -> Prepared:
+        images, sizes = await self.load_images(image_refs, bare_base64)
+        return await self.prepare_prompt(messages, images, sizes)
+
+    async def load_images(
+        self, image_refs: list[tuple[str, str]], bare_base64: bool = False
+    ) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+        """The request's images, decoded, and their sizes as sent (decoding may reduce the
+        pixels)."""
         if len(image_refs) > self.config.max_images:
             raise bad_request(
                 f"{len(image_refs)} images in the request; this server accepts at most "
@@ -198,13 +207,20 @@ class Serving:
                 param="messages",
                 code="too_many_images",
             )
-        images: list[Image.Image] = []
-        sizes: list[tuple[int, int]] = []  # as sent (decoding may reduce the pixels)
-        if image_refs:
-            start = time.perf_counter()
-            decoded = await self.images.load_all(image_refs, bare_base64)
-            self.metrics.image_preprocess.observe(time.perf_counter() - start)
-            images, sizes = [d.image for d in decoded], [d.size for d in decoded]
+        if not image_refs:
+            return [], []
+        start = time.perf_counter()
+        decoded = await self.images.load_all(image_refs, bare_base64)
+        self.metrics.image_preprocess.observe(time.perf_counter() - start)
+        return [d.image for d in decoded], [d.size for d in decoded]
+
+    async def prepare_prompt(
+        self,
+        messages: list[dict[str, str]],
+        images: list[Image.Image],
+        sizes: list[tuple[int, int]],
+    ) -> Prepared:
+        """Prompt ids for `messages` with the decoded `images`, checked against the context."""
         ids = await self._prompt_ids(messages, len(images))
         image_tokens = sum(self.preprocessor.image_token_count(w, h) for w, h in sizes)
         prompt_len = len(ids) - len(images) + image_tokens
@@ -378,10 +394,45 @@ class Serving:
 
     # ---------------------------------------------------------------- point
 
-    async def point(self, req: PointRequest, t0: float, slot: Slot) -> PointResponse:
+    async def point(
+        self, req: PointRequest, t0: float, slot: Slot
+    ) -> PointResponse | PointManyResponse:
+        """One object: a `PointResponse`. Several (`objects`): the image is decoded once and
+        one engine request per object is submitted at once, so that the engine batches them
+        and they share the image (vLLM's encoder cache and prefix cache hold it under the
+        same image hash); the results come back in request order."""
         self.check_model(req.model)
-        messages = [{"role": "user", "content": point_question(req.object)}]
-        prepared = await self.prepare(messages, [(req.image, "image")], bare_base64=True)
+        images, sizes = await self.load_images([(req.image, "image")], bare_base64=True)
+        if req.objects is None:
+            return await self._point_one(req, req.targets[0], images, sizes, t0, slot)
+        # Every prompt is checked before any reaches the engine.
+        async with asyncio.TaskGroup() as group:  # one failure cancels the others
+            tasks = [
+                group.create_task(self._point_one(req, name, images, sizes, t0, slot))
+                for name in req.targets
+            ]
+        results = [t.result() for t in tasks]
+        return PointManyResponse(
+            id=random_id("point"),
+            model=self.info.name,
+            results=results,
+            usage=usage(
+                sum(r.usage.prompt_tokens for r in results),
+                sum(r.usage.completion_tokens for r in results),
+            ),
+        )
+
+    async def _point_one(
+        self,
+        req: PointRequest,
+        name: str,
+        images: list[Image.Image],
+        sizes: list[tuple[int, int]],
+        t0: float,
+        slot: Slot,
+    ) -> PointResponse:
+        messages = [{"role": "user", "content": point_question(name)}]
+        prepared = await self.prepare_prompt(messages, images, sizes)
         requested = (
             req.max_tokens
             if req.max_tokens is not None

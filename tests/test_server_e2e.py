@@ -385,6 +385,11 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
         "max_tokens": MAX_MODEL_LEN - 64,
         "ignore_eos": True,  # the random model must not finish on its own
         "stream": True,
+        # Four choices a stream: a reader that does not read holds up no engine work (vLLM
+        # merges what it has not taken), and 40 one-choice streams of the tiny model could
+        # end before the last of them gets its first token.
+        "n": 4,
+        "temperature": 1.0,
     }
 
     async def go():
@@ -421,7 +426,7 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
 
     async def give_up():
         async with httpx.AsyncClient(base_url=server.url, headers=h, timeout=120) as c:
-            long = {**body, "stream": False, "max_tokens": MAX_MODEL_LEN - 100}
+            long = {**body, "stream": False, "max_tokens": MAX_MODEL_LEN - 100, "n": 1}
             posts = [
                 asyncio.create_task(c.post("/v1/chat/completions", json=long)) for _ in range(8)
             ]
