@@ -153,6 +153,10 @@ class Header:
         transpose = _ORIENT.get(self.orientation)
         if transpose is not None:
             rgb = rgb.transpose(transpose)
+        # The pixels are upright now; an EXIF block kept with them would turn them again
+        # wherever the image is read next (the preprocessor applies EXIF orientation).
+        for key in ("exif", "XML:com.adobe.xmp", "xmp"):
+            rgb.info.pop(key, None)
         return Decoded(rgb, self._upright(self.sent_size))
 
     def _reduction(self, size: tuple[int, int], factors: Any) -> int:

@@ -41,7 +41,7 @@ from helpers import Server, assert_openai_error, data_url, encode_image, image_p
 from PIL import Image
 
 from molmo_model.config import PreprocessConfig
-from molmo_model.images import ImageError
+from molmo_model.images import ImageError, load_image
 from molmo_model.preprocessing import image_token_count, select_grid
 from server.app import create_app
 from server.config import ServerConfig
@@ -183,6 +183,19 @@ def test_large_images_decode_reduced_with_the_same_crop_grid(fmt: str, orientati
     assert select_grid(w, h, config) == select_grid(*sent, config)
     assert image_token_count(w, h) == image_token_count(*sent)
     assert decoded.image.mode == "RGB" and decoded.image.getpixel((w // 2, h // 2))[0] > 200
+
+
+@pytest.mark.parametrize("size", [(300, 200), (3000, 2000)])  # decoded as it is, and reduced
+def test_upright_images_are_not_turned_again_downstream(size: tuple[int, int]) -> None:
+    # The preprocessor applies EXIF orientation to what it is given: a decoded image that
+    # kept its EXIF block would be turned a second time, and the model would see it sideways.
+    image = Image.new("RGB", size, "white")
+    image.paste((255, 0, 0), (0, 0, size[0] // 6, size[1] // 4))  # red in the top-left corner
+    raw = encode_image(image.transpose(Image.Transpose.ROTATE_90), "JPEG", orientation=6)
+    decoded = decode_image(raw, MAX_PIXELS * 2)
+    seen = load_image(decoded.image)
+    assert decoded.size == size and seen.size == decoded.image.size
+    assert seen.getpixel((2, 2))[1] < 50 and seen.getpixel((seen.width - 3, 2)) == (255, 255, 255)
 
 
 def test_small_and_odd_modes_decode_as_before() -> None:
