@@ -50,7 +50,7 @@ def load_image(
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if isinstance(data, Image.Image):
         image = data
-        _check_size(image.size, max_pixels)
+        check_size(image.size, max_pixels)
         _decode(image)
     else:
         image = _open(data, max_pixels)
@@ -133,7 +133,7 @@ def _open(data: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: 
     try:
         # Image.open reads only the header; the size check below happens before decoding.
         with Image.open(source) as image:
-            _check_size(image.size, max_pixels)
+            check_size(image.size, max_pixels)
             _decode(image)
             return image
     except ImageError:
@@ -146,7 +146,8 @@ def _open(data: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: 
         raise ImageError(f"{where} is corrupt or unreadable: {e}") from e
 
 
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+def check_size(size: tuple[int, int], max_pixels: int) -> None:
+    """Raise ImageError for a (width, height) with no pixels or more than `max_pixels`."""
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageError(f"image has zero size ({width}x{height})")

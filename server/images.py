@@ -42,7 +42,7 @@ import httpx
 from PIL import Image
 
 from molmo_model.config import PreprocessConfig
-from molmo_model.images import ImageError, to_rgb
+from molmo_model.images import ImageError, check_size, to_rgb
 from molmo_model.preprocessing import select_grid
 from server.errors import bad_request
 
@@ -107,7 +107,7 @@ class Header:
     def __init__(self, data: bytes, max_pixels: int, geometry: PreprocessConfig) -> None:
         webp = _webp_size(data)
         if webp is not None:
-            _check_pixels(*webp, max_pixels)
+            check_size(webp, max_pixels)
         try:
             self.image = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.UnidentifiedImageError:
@@ -119,7 +119,7 @@ class Header:
         except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ...
             raise ImageError(f"image data is corrupt or unreadable: {e}") from None
         width, height = self.image.size
-        _check_pixels(width, height, max_pixels)
+        check_size((width, height), max_pixels)
         self.sent_size = (width, height)  # as stored (before EXIF orientation)
         self.geometry = geometry  # the model's crop geometry
         self.orientation = _orientation(self.image) if self.image.format == "JPEG" else 1
@@ -180,16 +180,6 @@ class Header:
 def decode_image(data: bytes, max_pixels: int, geometry: PreprocessConfig | None = None) -> Decoded:
     """Header check and decode in one call (what `DecodePool` does in two steps)."""
     return Header(data, max_pixels, geometry or PreprocessConfig()).decode(threading.Event())
-
-
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageError(f"image has zero size ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{max_pixels} pixels"
-        )
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
