@@ -231,6 +231,13 @@ class ImageInputs:
     def n_crops(self) -> int:
         return self.images.shape[0]
 
+    @classmethod
+    def of(
+        cls, layout: ImageLayout, images: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]
+    ) -> ImageInputs:
+        """An image's inputs from its layout, pixels, masks and (width, height)."""
+        return cls(images, masks, layout.patch_order, layout.tokens, *size, layout.rows, layout.cols)
+
 
 @dataclass
 class ResizedView:
@@ -357,16 +364,7 @@ class MolmoPreprocessor:
         pixels = self.to_tensor(image)
         views = self.resize_views(pixels, layout.rows, layout.cols)
         images, masks = self.patchify(views)
-        return ImageInputs(
-            images=images,
-            image_masks=masks,
-            patch_order=layout.patch_order,
-            tokens=layout.tokens,
-            width=width,
-            height=height,
-            rows=layout.rows,
-            cols=layout.cols,
-        )
+        return ImageInputs.of(layout, images, masks, (width, height))
 
     @staticmethod
     def to_tensor(image: Image.Image) -> torch.Tensor:

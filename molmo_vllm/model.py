@@ -23,6 +23,10 @@ and any missing, unexpected or mis-shaped tensor raises an error naming it.
 As in Ai2's code (and our reference model), image features are ADDED to the embeddings of
 the `<im_patch>` tokens; they do not replace them. Processor side: molmo_vllm/processor.py.
 Registered with vLLM by `molmo_vllm.register()`; no pipeline parallelism.
+
+The model supports vLLM's `mm_device_do_normalize` (so vLLM turns it on by default): the
+processor then sends raw uint8 crops and `embed_multimodal` normalises them on the device
+with the checkpoint's mean/std; float32 crops (the exact path) are taken as they are.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
 from molmo_model.config import LLMConfig, MolmoConfig
+from molmo_model.fast_preprocessing import normalize_uint8
 from molmo_model.vision import MolmoVisionBackbone, add_image_features
 from molmo_vllm.config import molmo_config_of
 from molmo_vllm.processor import (
@@ -69,7 +74,8 @@ from molmo_vllm.processor import (
 class MolmoImageKwargs(TypedDict):
     """What the processor hands the model for a batch of images (crops concatenated).
 
-    images:          [C, 576, 588]  CLIP-normalized patches of every crop of every image
+    images:          [C, 576, 588]  patches of every crop of every image: CLIP-normalized
+                                    float (exact path) or raw uint8 RGB (fast path)
     image_masks:     [C, 576]       image fraction per patch, rows as the mask rule lays them out
     patch_order:     [M]            per image, in token order, index of each <im_patch>
                                     token's feature in that image's pooled features [c_i * 144]
@@ -291,6 +297,8 @@ def expected_checkpoint_shapes(config: MolmoConfig) -> dict[str, torch.Size]:
     MolmoMultiModalProcessor, info=MolmoProcessingInfo, dummy_inputs=MolmoDummyInputsBuilder
 )
 class MolmoForCausalLM(nn.Module, SupportsMultiModal):
+    supports_mm_device_do_normalize = True  # uint8 crops, normalised in embed_multimodal
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
@@ -319,7 +327,12 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal):
             return []
         num_crops = [int(n) for n in inputs["num_crops"].reshape(-1)]
         num_patches = [int(n) for n in inputs["num_patches"].reshape(-1)]
-        feats = self.vision_backbone(inputs["images"], inputs["image_masks"])  # [C, 144, d]
+        images = inputs["images"]  # [C, 576, 588]
+        if images.dtype == torch.uint8:  # the fast path: normalise here, on the device
+            pre = self.molmo_config.preprocess
+            dtype = self.vision_backbone.pad_embed.dtype
+            images = normalize_uint8(images, pre.image_mean, pre.image_std, dtype)
+        feats = self.vision_backbone(images, inputs["image_masks"])  # [C, 144, d]
         out = []
         orders = inputs["patch_order"].split(num_patches)
         for f, o in zip(feats.split(num_crops), orders, strict=True):

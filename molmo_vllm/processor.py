@@ -22,6 +22,13 @@ Text-only requests do not pass through here: their prompt is used as tokenized.
 Fields handed to the model per image (crops of several images are concatenated):
   images [c_i, 576, 588], image_masks [c_i, 576], patch_order [num_patches_i],
   num_crops, num_patches, image_size (width, height after EXIF) - see molmo_vllm/model.py.
+
+Two preprocessing paths, chosen by vLLM's `mm_device_do_normalize` (on by default, since
+the model declares support; `mm_device_do_normalize=False` turns it off):
+  * on: the fast path (molmo_model/fast_preprocessing.py): `images` are raw uint8 crops
+    (a quarter of the bytes), normalised by the model on the device;
+  * off: the exact path (`MolmoPreprocessor.preprocess`, pixel-identical to Ai2's
+    preprocessing): `images` are CLIP-normalised float32.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ from vllm.multimodal.processing import (
 )
 
 from molmo_model.config import MolmoConfig
-from molmo_model.preprocessing import ImageError, MolmoPreprocessor
+from molmo_model.fast_preprocessing import fast_preprocess
+from molmo_model.preprocessing import ImageError, ImageInputs, MolmoPreprocessor
 from molmo_vllm.config import molmo_config_of
 
 # Token strings of Molmo's vocabulary (ids are looked up in the checkpoint's tokenizer).
@@ -135,6 +143,18 @@ class MolmoProcessingInfo(BaseProcessingInfo):
     def preprocessor(self) -> MolmoPreprocessor:
         return MolmoPreprocessor(self.molmo_config.preprocess, self.token_ids)
 
+    @functools.cached_property
+    def device_normalize(self) -> bool:
+        """Whether crops go to the engine as uint8 and are normalised on the device."""
+        mm_config = self.ctx.model_config.multimodal_config
+        return bool(getattr(mm_config, "mm_device_do_normalize", False))
+
+    def preprocess(self, image: Image.Image) -> ImageInputs:
+        """One image on this engine's path: fast (uint8) or exact (float32)."""
+        if self.device_normalize:
+            return fast_preprocess(self.preprocessor, image)
+        return self.preprocessor.preprocess(image)
+
     def get_image_size_with_most_features(self) -> tuple[int, int]:
         """(width, height) of an image whose token count is the largest possible."""
         cfg = self.molmo_config.preprocess
@@ -187,13 +207,12 @@ class MolmoMultiModalProcessor(BaseMultiModalProcessor[MolmoProcessingInfo]):
         images = hf_data.get("images") or []
         if not isinstance(images, (list, tuple)):
             images = [images]
-        pre = self.info.preprocessor
-        inputs = [pre.preprocess(_to_pil(im, i)) for i, im in enumerate(images)]
+        inputs = [self.info.preprocess(_to_pil(im, i)) for i, im in enumerate(images)]
         if not inputs:
             return BatchFeature()
         return BatchFeature(
             {
-                "images": torch.cat([x.images for x in inputs]),  # [C, 576, 588]
+                "images": torch.cat([x.images for x in inputs]),  # [C, 576, 588] uint8/f32
                 "image_masks": torch.cat([x.image_masks for x in inputs]),  # [C, 576]
                 "patch_order": torch.cat([x.patch_order for x in inputs]),  # [M]
                 "num_crops": torch.tensor([x.n_crops for x in inputs]),

@@ -46,6 +46,7 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PointManyResponse,
     PointRequest,
     PointResponse,
 )
@@ -194,7 +195,9 @@ def create_app(
         slot.release()
         return result
 
-    @app.post("/v1/point", response_model=PointResponse, responses=_ERRORS)
+    @app.post(
+        "/v1/point", response_model=PointResponse | PointManyResponse, responses=_ERRORS
+    )
     async def point(body: PointRequest, request: Request) -> Any:
         t0 = time.perf_counter()
         slot = serving.admit()

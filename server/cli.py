@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, help="sequences batched at once")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation")
+    e.add_argument(
+        "--fast-preprocessing",
+        action="store_true",
+        help="uint8 crops normalized on the device (default: the exact path, float32 crops "
+        "pixel-identical to Ai2's preprocessing; README: Image preprocessing)",
+    )
     e.add_argument("--dtype", default=d.dtype)
     e.add_argument("--gpu-memory-utilization", type=float)
     e.add_argument("--seed", type=int, default=d.seed)

@@ -39,6 +39,7 @@ class ServerConfig:
     max_model_len: int | None = None  # context length; default: the model's
     max_num_seqs: int | None = None  # sequences batched at once; default: vLLM's
     enforce_eager: bool = False  # no graph capture / compilation (fast start, CPU tests)
+    fast_preprocessing: bool = False  # uint8 crops normalized on the device (default: exact)
     dtype: str = "auto"
     gpu_memory_utilization: float | None = None
     seed: int = 0

@@ -48,6 +48,8 @@ def engine_args(config: ServerConfig) -> Any:
         "model": config.model,
         "tokenizer": config.model,
         "enforce_eager": config.enforce_eager,
+        # Off: the exact image path; on (vLLM's own default for our model): the fast path.
+        "mm_device_do_normalize": config.fast_preprocessing,
         "dtype": config.dtype,
         "seed": config.seed,
         "limit_mm_per_prompt": {"image": config.max_images},

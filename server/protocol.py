@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_POINT_OBJECTS = 16  # objects one /v1/point request may name
@@ -283,29 +284,46 @@ class PointRequest(_Request):
     )
 
     image: str = Field(description="data: URL or plain base64 of a JPEG/PNG/WebP/GIF image")
-    object: str | None = Field(
-        None, min_length=1, max_length=1000, description="what to point at (or `objects`)"
-    )
+    # `objects` before `object`: the check of `object` sees whether `objects` was given.
     objects: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
         None,
         min_length=1,
         max_length=MAX_POINT_OBJECTS,
         description="several things to point at in the same image: one result each",
     )
+    object: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="what to point at (or `objects`)",
+        validate_default=True,
+    )
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
 
-    @model_validator(mode="after")
-    def _check(self) -> PointRequest:
-        if (self.object is None) == (self.objects is None):
-            raise ValueError("give exactly one of `object` (a string) or `objects` (a list)")
-        for i, name in enumerate([self.object] if self.objects is None else self.objects):
-            if not (name or "").strip():
-                where = "object" if self.objects is None else f"objects[{i}]"
-                raise ValueError(f"{where}: must name something to point at (not only whitespace)")
-        return self
+    @field_validator("objects")
+    @classmethod
+    def _check_objects(cls, objects: list[str] | None) -> list[str] | None:
+        for i, name in enumerate(objects or []):
+            if not name.strip():
+                raise ValueError(f"objects[{i}] must name something to point at (not only space)")
+        return objects
+
+    @field_validator("object")
+    @classmethod
+    def _check_object(cls, obj: str | None, info: ValidationInfo) -> str | None:
+        has_objects = info.data.get("objects") is not None
+        if obj is None and not has_objects:
+            if "objects" in info.data:  # absent, not invalid (that error is reported already)
+                raise PydanticCustomError("missing", "Field required (or give `objects`)")
+            return None
+        if obj is not None and has_objects:
+            raise ValueError("object: give exactly one of `object` or `objects`, not both")
+        if obj is not None and not obj.strip():
+            raise ValueError("object: must name something to point at (not only whitespace)")
+        return obj
 
     @property
     def targets(self) -> list[str]:

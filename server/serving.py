@@ -403,15 +403,28 @@ class Serving:
         same image hash); the results come back in request order."""
         self.check_model(req.model)
         images, sizes = await self.load_images([(req.image, "image")], bare_base64=True)
+        # Every prompt is checked (context length, max_tokens) before any reaches the engine.
+        checked = []
+        for name in req.targets:
+            messages = [{"role": "user", "content": point_question(name)}]
+            prepared = await self.prepare_prompt(messages, images, sizes)
+            requested = (
+                req.max_tokens
+                if req.max_tokens is not None
+                else min(POINT_MAX_TOKENS, self.max_model_len - prepared.prompt_len)
+            )
+            checked.append(
+                (prepared, self.max_tokens(requested, prepared.prompt_len, "max_tokens"))
+            )
         if req.objects is None:
-            return await self._point_one(req, req.targets[0], images, sizes, t0, slot)
-        # Every prompt is checked before any reaches the engine.
-        async with asyncio.TaskGroup() as group:  # one failure cancels the others
-            tasks = [
-                group.create_task(self._point_one(req, name, images, sizes, t0, slot))
-                for name in req.targets
-            ]
-        results = [t.result() for t in tasks]
+            return await self._point_one(req, *checked[0], t0, slot)
+        tasks = [asyncio.ensure_future(self._point_one(req, *c, t0, slot)) for c in checked]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one failed: abort the others in the engine
+                task.cancel()
+            raise
         return PointManyResponse(
             id=random_id("point"),
             model=self.info.name,
@@ -423,23 +436,8 @@ class Serving:
         )
 
     async def _point_one(
-        self,
-        req: PointRequest,
-        name: str,
-        images: list[Image.Image],
-        sizes: list[tuple[int, int]],
-        t0: float,
-        slot: Slot,
+        self, req: PointRequest, prepared: Prepared, max_tokens: int, t0: float, slot: Slot
     ) -> PointResponse:
-        messages = [{"role": "user", "content": point_question(name)}]
-        prepared = await self.prepare_prompt(messages, images, sizes)
-        requested = (
-            req.max_tokens
-            if req.max_tokens is not None
-            else min(POINT_MAX_TOKENS, self.max_model_len - prepared.prompt_len)
-        )
-        max_tokens = self.max_tokens(requested, prepared.prompt_len, "max_tokens")
-
         def params() -> Any:
             from vllm import SamplingParams
             from vllm.sampling_params import RequestOutputKind

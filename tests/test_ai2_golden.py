@@ -142,7 +142,12 @@ def test_vllm_matches_ai2(release):
     )
     # The server's prompt builder, so the prompt under test is the one that is served.
     prompts = [build_prompt(pre.tokenizer, GOLDEN["prompt"], [_image(name)]) for name in NAMES]
-    with vllm_engine(path, limit_mm_per_prompt={"image": 1}, max_num_seqs=len(NAMES)) as llm:
+    with vllm_engine(  # the exact path (float32 crops), the one that matches Ai2 exactly
+        path,
+        limit_mm_per_prompt={"image": 1},
+        max_num_seqs=len(NAMES),
+        mm_device_do_normalize=False,
+    ) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
     worst = 0.0
     for name, out in zip(NAMES, outs, strict=True):

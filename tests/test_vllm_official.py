@@ -62,7 +62,9 @@ def setup(tmp_path_factory):
     reference, loaded_config, _ = load_checkpoint(path)
     assert loaded_config == config
     pre = MolmoPreprocessor(config.preprocess, tok)
-    with vllm_engine(path, limit_mm_per_prompt={"image": 1}, max_num_seqs=4) as llm:
+    with vllm_engine(  # the exact path (float32 crops)
+        path, limit_mm_per_prompt={"image": 1}, max_num_seqs=4, mm_device_do_normalize=False
+    ) as llm:
         yield llm, reference.eval(), tok, pre
 
 

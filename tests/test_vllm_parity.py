@@ -32,7 +32,7 @@ LOGPROB_ATOL = 5e-4  # float32 through different kernels; observed differences a
 def setup(decisive_checkpoint):
     path, model, tok = decisive_checkpoint
     pre = MolmoPreprocessor(model.config.preprocess, tok)
-    with vllm_engine(path) as llm:
+    with vllm_engine(path, mm_device_do_normalize=False) as llm:  # the exact path
         yield llm, model, tok, pre
 
 

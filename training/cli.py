@@ -178,6 +178,8 @@ def evaluate(argv: list[str]) -> int:
                    "default: the model's train_config.json, else the generator's defaults")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--dtype", default="auto", help="vLLM's dtype for --engine vllm (auto: vLLM's choice)")
+    p.add_argument("--fast-preprocessing", action="store_true",
+                   help="--engine vllm: the fast image path (uint8 crops normalized on the device)")
     p.add_argument("--out", help="write the JSON report here (default: MODEL/eval_report.json)")
     p.add_argument("--answers", action="store_true", help="include every answer in the report")
     a = p.parse_args(argv)
@@ -208,7 +210,8 @@ def evaluate(argv: list[str]) -> int:
     queries = held_out_queries(a.examples, synthetic, a.split, a.start, tasks)
     report = run_eval(_engine(a, model_dir), queries, with_answers=a.answers)
     report = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
-              "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}), **report}  # fmt: skip
+              "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}),
+              **({"fast_preprocessing": True} if a.fast_preprocessing else {}), **report}  # fmt: skip
     out = Path(a.out) if a.out else model_dir / "eval_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: report[k] for k in ("pointing", "counting", "clock") if k in report}
@@ -221,7 +224,8 @@ def _engine(a: argparse.Namespace, model_dir: Path):
     from training.evaluate import ReferenceEngine, VllmEngine
 
     if a.engine == "vllm":
-        return VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype)
+        return VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype,
+                          fast_preprocessing=a.fast_preprocessing)
     return ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens)
 
 

@@ -6,7 +6,8 @@ by default): "point" questions are scored for pointing, "count" questions for co
 
 - `vllm` (what users get): `vllm.LLM(model=DIR, enforce_eager=True)` with our plugin
   (molmo_vllm), prompts from `molmo_vllm.prompt.build_prompt` as the server builds them,
-  greedy decoding;
+  greedy decoding; the exact image path as the server's default (`fast_preprocessing=True`:
+  the fast path, uint8 crops normalized on the device);
 - `reference`: molmo_model.generate on the PyTorch model, greedy, one query at a time.
 
 Metrics (paper, pointing evaluation):
@@ -187,7 +188,12 @@ class VllmEngine:
     """Greedy answers from vLLM with our Molmo plugin: what the server runs."""
 
     def __init__(
-        self, model_dir: str | Path, max_new_tokens: int = 256, max_model_len: int = 2048, dtype: str = "auto"
+        self,
+        model_dir: str | Path,
+        max_new_tokens: int = 256,
+        max_model_len: int = 2048,
+        dtype: str = "auto",
+        fast_preprocessing: bool = False,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM, SamplingParams
@@ -205,6 +211,7 @@ class VllmEngine:
             limit_mm_per_prompt={"image": 1},
             seed=0,
             dtype=dtype,
+            mm_device_do_normalize=fast_preprocessing,  # README: "Image preprocessing"
         )
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
