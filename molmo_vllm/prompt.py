@@ -116,16 +116,12 @@ def prompt_token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], num_imag
         text.encode("utf-8")  # lone surrogates ("\ud800") pass JSON and pydantic, not tokenizers
     except UnicodeError:
         raise PromptError("message text is not valid Unicode") from None
-    except PromptError:
-        raise
-    except ValueError as e:
+    except ValueError as e:  # prompt_text's own checks
         raise PromptError(str(e)) from None
     return [tokenizer.bos_id] + [tokenizer.image_id] * num_images + tokenizer.encode(text)
 
 
-def engine_prompt(
-    token_ids: list[int], images: Sequence[Any] = ()
-) -> dict[str, Any]:
+def engine_prompt(token_ids: list[int], images: Sequence[Any] = ()) -> dict[str, Any]:
     """The dict `LLM.generate` / `AsyncLLM.generate` take: `{"prompt_token_ids": [...],
     "multi_modal_data": {"image": [...]}}` (no "multi_modal_data" without images)."""
     prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
