@@ -126,6 +126,18 @@ class PreprocessConfig:
     def num_positions(self) -> int:
         return self.num_patches + 1  # class token + patches
 
+    @property
+    def margin_px(self) -> int:
+        return sum(self.overlap_margins) * self.patch_size  # 112: what neighbouring crops share
+
+    @property
+    def window_px(self) -> int:
+        return self.crop_size - self.margin_px  # 224: the stride between crops
+
+    def canvas_size(self, rows: int, cols: int) -> tuple[int, int]:
+        """(height, width) of the padded canvas a rows x cols grid of crops is cut from."""
+        return rows * self.window_px + self.margin_px, cols * self.window_px + self.margin_px
+
 
 @dataclass
 class LLMConfig:

@@ -25,6 +25,7 @@ decoded or resized at full resolution.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -32,13 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from molmo_model.image_masks import crop_masks
 from molmo_model.preprocessing import (
     ImageInputs,
     ImageLike,
     MolmoPreprocessor,
-    _crops_to_patches,
-    _masks,
+    ResizedView,
     fit_size,
     load_image,
 )
@@ -52,14 +51,9 @@ def fast_preprocess(pre: MolmoPreprocessor, image: ImageLike) -> ImageInputs:
     image = load_image(image, pre.max_pixels)
     width, height = image.size
     layout = pre.image_layout(width, height)
-    stride = cfg.crop_size - sum(cfg.overlap_margins) * cfg.patch_size  # 224
-    margin = cfg.crop_size - stride  # 112
-    n_crops = 1 + layout.rows * layout.cols
-    images = torch.empty(n_crops, cfg.num_patches, cfg.patch_pixels, dtype=torch.uint8)
-    masks = torch.empty(n_crops, cfg.num_patches)  # [n_crops, 576]
 
     # Sizes come from the image as given (Ai2's rule); the pixels may come from a reduction.
-    hi_shape = (layout.rows * stride + margin, layout.cols * stride + margin)  # (H, W)
+    hi_shape = cfg.canvas_size(layout.rows, layout.cols)  # (H, W)
     hi_size = fit_size(height, width, *hi_shape)
     factor = int(min(height / hi_size[0], width / hi_size[1]) // REDUCING_GAP)
     if factor >= 2:
@@ -68,18 +62,16 @@ def fast_preprocess(pre: MolmoPreprocessor, image: ImageLike) -> ImageInputs:
 
     # High-res view first: the global view is resized from it when it is big enough.
     hi, hi_box, resized = _canvas(pixels, hi_shape, hi_size)
-    _crops_to_patches(hi, layout.rows, layout.cols, stride, cfg, images[1:])
-    masks[1:] = _masks(layout.rows, layout.cols, stride, hi_box, cfg)
 
     size = cfg.crop_size
     glob_size = fit_size(height, width, size, size)
     if hi_size[0] >= 2 * glob_size[0] and hi_size[1] >= 2 * glob_size[1]:
         pixels = resized
     glob, glob_box, _ = _canvas(pixels, (size, size), glob_size)
-    _crops_to_patches(glob, 1, 1, stride, cfg, images[:1])
-    masks[:1] = _masks(1, 1, stride, glob_box, cfg)
 
-    return ImageInputs.of(layout, images, crop_masks(masks, cfg.image_mask_rule), (width, height))
+    views = [ResizedView(glob, glob_box, 1, 1), ResizedView(hi, hi_box, layout.rows, layout.cols)]
+    images, masks = pre.patchify(views)  # uint8 crops, as the canvases are
+    return ImageInputs.of(layout, images, masks, (width, height))
 
 
 def _to_uint8_tensor(image: Image.Image) -> torch.Tensor:
@@ -111,11 +103,19 @@ def normalize_uint8(
 ) -> torch.Tensor:
     """uint8 patches [..., 588] (pixel order (py, px, c)) -> CLIP-normalised `dtype`, with
     the exact path's arithmetic (x / 255, then * (1 / std) - mean / std, in float32)."""
-    device = images.device
-    std_t = torch.tensor(std, dtype=torch.float32, device=device)  # [3]
-    scale = 1.0 / std_t
-    shift = -torch.tensor(mean, dtype=torch.float32, device=device) / std_t  # as the exact path
+    scale, shift = _scale_shift(tuple(mean), tuple(std), images.device)
     x = images.to(torch.float32).div_(255.0)
     shape = x.shape
     x = x.view(*shape[:-1], shape[-1] // 3, 3)  # [..., 196, 3]: channel last
     return torch.addcmul(shift, x, scale).view(shape).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _scale_shift(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / std, -mean / std) as float32 [3] on `device`, made once per device: building
+    them per batch would copy from the host (and wait for the GPU) on every image batch."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    shift = -torch.tensor(mean, dtype=torch.float32, device=device) / std_t  # as the exact path
+    return 1.0 / std_t, shift

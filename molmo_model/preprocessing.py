@@ -114,8 +114,7 @@ def select_grid(width: int, height: int, config: PreprocessConfig) -> tuple[int,
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
-    margin_px = sum(config.overlap_margins) * config.patch_size  # 112
-    window_px = config.crop_size - margin_px  # 224
+    margin_px, window_px = config.margin_px, config.window_px  # 112, 224
     grids = _candidate_grids(config.max_crops)
     # float32 as in Ai2's code: it (rarely) changes which grid wins.
     size = np.array([height - margin_px, width - margin_px], dtype=np.float32)
@@ -243,7 +242,7 @@ class ImageInputs:
 class ResizedView:
     """A view of the image resized and padded onto its canvas, before cropping."""
 
-    canvas: torch.Tensor  # float32 [rows*224+112, cols*224+112, 3], CLIP-normalised
+    canvas: torch.Tensor  # [rows*224+112, cols*224+112, 3]: float32 CLIP-normalised, or uint8 (fast path)
     box: tuple[int, int, int, int]  # (top, left, height, width) of the image on the canvas
     rows: int  # crops along each side cut from this canvas
     cols: int
@@ -378,12 +377,10 @@ class MolmoPreprocessor:
         """pixels [1, 3, h, w] in [0, 1] -> the global view (one crop) and the rows x cols
         high-res canvas, each resized, centred, padded and CLIP-normalised (HWC)."""
         cfg = self.config
-        size = cfg.crop_size
-        stride = size - sum(cfg.overlap_margins) * cfg.patch_size  # 224
         views = []
         for n_rows, n_cols in ((1, 1), (rows, cols)):
             # rows*224+112 by cols*224+112: exactly 336x336 for the global view.
-            shape = (n_rows * stride + size - stride, n_cols * stride + size - stride, 3)
+            shape = (*cfg.canvas_size(n_rows, n_cols), 3)
             canvas = self._shift.expand(shape).contiguous()  # [H, W, 3]
             box = _resize_into(pixels, canvas, self._scale, self._shift)
             views.append(ResizedView(canvas, box, n_rows, n_cols))
@@ -391,12 +388,12 @@ class MolmoPreprocessor:
 
     def patchify(self, views: list[ResizedView]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut the views into overlapping crops every 224 px and those into patches:
-        (images [n_crops, N, P], image_masks [n_crops, N]), global view first; the masks'
-        rows laid out by the config's image-mask rule."""
+        (images [n_crops, N, P] in the canvases' dtype, image_masks [n_crops, N]), global view
+        first; the masks' rows laid out by the config's image-mask rule."""
         cfg = self.config
-        stride = cfg.crop_size - sum(cfg.overlap_margins) * cfg.patch_size  # 224
+        stride = cfg.window_px  # 224
         n_crops = sum(v.rows * v.cols for v in views)
-        images = torch.empty(n_crops, cfg.num_patches, cfg.patch_pixels)  # [n_crops, 576, 588]
+        images = torch.empty(n_crops, cfg.num_patches, cfg.patch_pixels, dtype=views[0].canvas.dtype)
         masks = torch.empty(n_crops, cfg.num_patches)  # [n_crops, 576]
         first = 0
         for v in views:

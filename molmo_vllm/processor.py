@@ -158,12 +158,10 @@ class MolmoProcessingInfo(BaseProcessingInfo):
     def get_image_size_with_most_features(self) -> tuple[int, int]:
         """(width, height) of an image whose token count is the largest possible."""
         cfg = self.molmo_config.preprocess
-        window = cfg.crop_size - sum(cfg.overlap_margins) * cfg.patch_size  # 224
-        margin = cfg.crop_size - window  # 112
         best, best_size = -1, (cfg.crop_size, cfg.crop_size)
         for rows in range(1, cfg.max_crops + 1):
             for cols in range(1, cfg.max_crops // rows + 1):
-                size = (cols * window + margin, rows * window + margin)
+                size = cfg.canvas_size(rows, cols)[::-1]  # (width, height)
                 count = self.preprocessor.image_token_count(*size)
                 if count > best:
                     best, best_size = count, size

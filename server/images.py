@@ -164,9 +164,7 @@ class Header:
         covers the model's canvas with the crop grid of the image as sent (else 1)."""
         config = self.geometry
         rows, cols = select_grid(*self._upright(self.sent_size), config)
-        margin = sum(config.overlap_margins) * config.patch_size
-        window = config.crop_size - margin
-        need_w, need_h = cols * window + margin, rows * window + margin
+        need_h, need_w = config.canvas_size(rows, cols)
         for f in factors:
             w, h = self._upright((-(-size[0] // f), -(-size[1] // f)))
             if w >= need_w and h >= need_h and select_grid(w, h, config) == (rows, cols):
