@@ -282,8 +282,6 @@ class ImageFetcher:
         self,
         max_pixels: int,
         allow_remote: bool = False,
-        remote_timeout: float = 10.0,
-        remote_max_bytes: int = 20 * 1024 * 1024,
         geometry: PreprocessConfig | None = None,
         pool: DecodePool | None = None,
         remote: RemoteImages | None = None,
@@ -292,7 +290,7 @@ class ImageFetcher:
         self.geometry = geometry or PreprocessConfig()
         self.allow_remote = allow_remote
         self.pool = pool or DecodePool(min(4, os.cpu_count() or 1), max_pixels)
-        self.remote = remote or RemoteImages(timeout=remote_timeout, max_bytes=remote_max_bytes)
+        self.remote = remote or RemoteImages()
 
     async def aclose(self) -> None:
         self.pool.shutdown()

@@ -235,16 +235,19 @@ class Serving:
 
     async def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
         # No token spans more bytes than the vocabulary's longest: a text whose bytes
-        # exceed the context times that is too long without tokenizing it.
-        size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
-        if size > self.max_model_len * self._max_token_bytes:
-            raise bad_request(
-                f"the messages take {size} bytes of text, more than this model's context of "
-                f"{self.max_model_len} tokens can hold",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        # exceed the context times that is too long without tokenizing it. A character is
+        # at most 4 bytes, so only texts that could be too long are encoded to count.
         chars = sum(len(m["content"]) for m in messages)
+        limit = self.max_model_len * self._max_token_bytes
+        if 4 * chars > limit:
+            size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+            if size > limit:
+                raise bad_request(
+                    f"the messages take {size} bytes of text, more than this model's context "
+                    f"of {self.max_model_len} tokens can hold",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
         if chars > 20_000:  # long texts tokenize off the event loop
             return await asyncio.to_thread(_token_ids, self.tokenizer, messages, n_images)
         return _token_ids(self.tokenizer, messages, n_images)
