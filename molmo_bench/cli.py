@@ -141,7 +141,13 @@ def serve(argv: list[str]) -> int:
         a.base_url, a.api_key, RequestConfig(a.endpoint, a.model, a.max_tokens, ignore_eos=a.ignore_eos),
         a.num_requests, a.duration, a.burstiness, a.warmup, a.seed, a.timeout, not a.no_progress,
     )  # fmt: skip
-    runner = Runner(settings, loads, lambda n: cache.get(n) or samples_for(n), warm)
+
+    def samples_at(level: int) -> list:
+        if a.dataset != "synthetic":  # a folder or a file: the same samples at every level
+            return first
+        return cache.get(level) or samples_for(level)
+
+    runner = Runner(settings, loads, samples_at, warm)
     machine = describe_client_machine()
     status, message, code = "complete", None, 0
     t0 = time.time()

@@ -131,18 +131,18 @@ class Runner:
 
     async def _level(self, http: httpx.AsyncClient, level: Level, samples: list[Sample], bar: Any) -> None:
         s = self.settings
-        failures = 0
+        failures = failed = 0  # connection failures in a row; failed requests in all
         gone = asyncio.Event()
 
         async def fire(i: int) -> RequestRecord:
-            nonlocal failures
+            nonlocal failures, failed
             rec = await send(http, samples[i % len(samples)], s.request, i, level.started, self.clock)
             failures = failures + 1 if rec.status is None else 0
+            failed += not rec.ok
             if failures >= GONE_AFTER:
                 gone.set()
             if bar is not None:
                 bar.update(1)
-                failed = sum(not r.ok for r in level.records) + (not rec.ok)
                 bar.set_postfix_str(f"failed={failed}")
             return rec
 
