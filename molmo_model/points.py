@@ -385,12 +385,18 @@ def point_scores(
     points: Sequence[tuple[float, float]], boxes: Sequence[Sequence[float]]
 ) -> dict[str, float]:
     """Precision, recall, F1 and hits of one answer's points against the true boxes."""
-    if not boxes:  # "not present": right when the answer points at nothing
-        ok = float(not points)
+    hits = sum(inside(points[i], boxes[j]) for i, j in match_points(points, boxes)) if boxes else 0
+    return scores_from_hits(hits, len(points), len(boxes))
+
+
+def scores_from_hits(hits: int, n_points: int, n_true: int) -> dict[str, float]:
+    """Precision, recall, F1 and hits of one answer, given its matched hits. With nothing to
+    point at ("not present"), an answer is right exactly when it points at nothing."""
+    if not n_true:
+        ok = float(not n_points)
         return {"precision": ok, "recall": ok, "f1": ok, "hits": 0}
-    hits = sum(inside(points[i], boxes[j]) for i, j in match_points(points, boxes))
-    precision = hits / len(points) if points else 0.0
-    recall = hits / len(boxes)
+    precision = hits / n_points if n_points else 0.0
+    recall = hits / n_true
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "hits": hits}
 

@@ -118,11 +118,11 @@ def score(queries: Sequence[Query], answers: Sequence[str]) -> dict[str, Any]:
         absent = [s for s in pointing if not s["present"]]
         report["pointing"] = {
             "queries": len(pointing),
-            "precision": _mean(s["precision"] for s in pointing),
-            "recall": _mean(s["recall"] for s in pointing),
-            "f1": _mean(s["f1"] for s in pointing),
-            "f1_present": _mean(s["f1"] for s in present),
-            "not_present_accuracy": _mean(s["f1"] for s in absent),
+            "precision": mean_or_nan(s["precision"] for s in pointing),
+            "recall": mean_or_nan(s["recall"] for s in pointing),
+            "f1": mean_or_nan(s["f1"] for s in pointing),
+            "f1_present": mean_or_nan(s["f1"] for s in present),
+            "not_present_accuracy": mean_or_nan(s["f1"] for s in absent),
             "not_present_queries": len(absent),
             "micro_precision": n_hits / n_pred if n_pred else 0.0,
             "micro_recall": n_hits / n_true if n_true else 0.0,
@@ -132,23 +132,24 @@ def score(queries: Sequence[Query], answers: Sequence[str]) -> dict[str, Any]:
         ranged = [(t, p) for t, p in counts if lo <= t <= hi]
         report["counting"] = {
             "queries": len(ranged),
-            "accuracy": _mean(float(t == p) for t, p in ranged),
-            "accuracy_all": _mean(float(t == p) for t, p in counts),
+            "accuracy": mean_or_nan(float(t == p) for t, p in ranged),
+            "accuracy_all": mean_or_nan(float(t == p) for t, p in counts),
             "queries_all": len(counts),
-            "mean_abs_error": _mean(abs(t - p) for t, p in ranged),
+            "mean_abs_error": mean_or_nan(abs(t - p) for t, p in ranged),
         }
     if clocks:
         report["clock"] = {
             "queries": len(clocks),
-            "accuracy": _mean(
+            "accuracy": mean_or_nan(
                 float(p is not None and p[0] % 12 == t[0] % 12 and p[1] == t[1]) for t, p in clocks
             ),
-            "hour_accuracy": _mean(float(p is not None and p[0] % 12 == t[0] % 12) for t, p in clocks),
+            "hour_accuracy": mean_or_nan(float(p is not None and p[0] % 12 == t[0] % 12) for t, p in clocks),
         }
     return report
 
 
-def _mean(values) -> float:
+def mean_or_nan(values) -> float:
+    """The mean of `values`, NaN when there are none (a metric with no queries)."""
     values = list(values)
     return float(sum(values) / len(values)) if values else math.nan
 

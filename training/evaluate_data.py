@@ -36,9 +36,9 @@ import numpy as np
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from molmo_model.points import parse_points
+from molmo_model.points import parse_count, parse_points, scores_from_hits
 from training.data.jsonl import load_record, read_jsonl
-from training.evaluate import parse_count
+from training.evaluate import mean_or_nan
 
 POINT_THRESHOLD = 0.05  # a hit: within this fraction of the image diagonal of its true point
 SHORT_WORDS = 5  # written answers up to this many words are scored by exact match
@@ -112,14 +112,10 @@ def score_data(queries: Sequence[DataQuery], answers: Sequence[str], threshold: 
             width, height = q.image.size
             pts = [(p.x, p.y) for p in parse_points(text, width, height)]
             truth = list(q.points or [])
-            if truth:
-                hits = match_by_distance(pts, truth, threshold * math.hypot(width, height))
-                precision, recall = (hits / len(pts) if pts else 0.0), hits / len(truth)
-                f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-            else:
-                hits, precision = 0, float(not pts)
-                recall = f1 = precision
-            pointing.append((precision, recall, f1, bool(truth)))
+            hits = match_by_distance(pts, truth, threshold * math.hypot(width, height)) if truth else 0
+            s = scores_from_hits(hits, len(pts), len(truth))
+            f1 = s["f1"]
+            pointing.append((s["precision"], s["recall"], f1, bool(truth)))
             n_pred, n_true, n_hits = n_pred + len(pts), n_true + len(truth), n_hits + hits
             counts.append((len(truth), parse_count(text)))
             row.update(f1=f1, count=counts[-1][1], true_count=len(truth))
@@ -134,27 +130,22 @@ def score_data(queries: Sequence[DataQuery], answers: Sequence[str], threshold: 
         report["pointing"] = {
             "queries": len(pointing),
             "threshold": f"{threshold:g} x image diagonal",
-            "precision": _mean(s[0] for s in pointing),
-            "recall": _mean(s[1] for s in pointing),
-            "f1": _mean(s[2] for s in pointing),
-            "not_present_accuracy": _mean(s[2] for s in pointing if not s[3]),
+            "precision": mean_or_nan(s[0] for s in pointing),
+            "recall": mean_or_nan(s[1] for s in pointing),
+            "f1": mean_or_nan(s[2] for s in pointing),
+            "not_present_accuracy": mean_or_nan(s[2] for s in pointing if not s[3]),
             "micro_precision": n_hits / n_pred if n_pred else 0.0,
             "micro_recall": n_hits / n_true if n_true else 0.0,
         }
         report["counting"] = {
             "queries": len(counts),
-            "accuracy": _mean(float(t == p) for t, p in counts),
-            "mean_abs_error": _mean(abs(t - p) for t, p in counts),
+            "accuracy": mean_or_nan(float(t == p) for t, p in counts),
+            "mean_abs_error": mean_or_nan(abs(t - p) for t, p in counts),
         }
     if exact:
-        report["exact_match"] = {"queries": len(exact), "accuracy": _mean(float(e) for e in exact)}
+        report["exact_match"] = {"queries": len(exact), "accuracy": mean_or_nan(float(e) for e in exact)}
     report["per_query"] = per_query
     return report
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else math.nan
 
 
 def run_data_eval(engine, queries: Sequence[DataQuery], threshold: float = POINT_THRESHOLD) -> dict[str, Any]:
