@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +25,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EXPERIMENT_RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def describe_machine(with_vllm: bool = False) -> dict[str, object]:
     """CPU, core count, load average (other jobs on a shared machine), GPU, and versions."""
     import torch
 
+    from molmo_bench.report import describe_client_machine
+
     info: dict[str, object] = {
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **describe_client_machine(),  # platform, CPU, cores, load average, Python
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
         "torch": torch.__version__,
     }
     if with_vllm:
