@@ -1,9 +1,10 @@
 """`molmo eval` through both engines: vLLM (what users get, and what the demo's bar is read
 from) and the PyTorch reference generator answer the same held-out questions alike.
 
-One tiny checkpoint with decisive logits (conftest.py's `decisive_checkpoint`), a few synthetic scenes, the
-real CLI in a subprocess for each engine; vLLM runs in float32 (`--dtype`), where its greedy
-answers must equal the reference's.
+One tiny checkpoint with decisive logits (conftest.py's `decisive_checkpoint`), a few synthetic
+scenes (the training generator's and the independent renderer's), the real CLI in a subprocess
+for each engine; vLLM runs in float32 (`--dtype`), where its greedy answers must equal the
+reference's.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def test_vllm_eval_answers_as_the_reference_does(reports):
     assert [a["answer"] for a in vllm["answers"]] == [a["answer"] for a in reference["answers"]]
     for key in ("pointing", "counting"):
         assert vllm[key] == reference[key]
+    # The independent renderer's questions (the default --renderer both), through the same engine.
+    for key in ("pointing", "counting"):
+        assert vllm["independent"][key] == reference["independent"][key]
+    independent = [a["answer"] for a in reference["independent"]["answers"]]
+    assert independent and [a["answer"] for a in vllm["independent"]["answers"]] == independent
 
 
 def test_eval_report_keeps_what_count_errors_reads(reports):

@@ -8,7 +8,8 @@
     kernels        Triton + PyTorch references -> nothing of ours
 
 Every import counts, the ones inside functions included (read from the source's syntax
-tree), so a lazy import cannot hide an upward dependency.
+tree), so a lazy import cannot hide an upward dependency. Within training, only the
+evaluation (cli.py, evaluate*.py) may import the independent renderer, independent_scenes.py.
 
 Run: pytest tests/test_layout.py -q
 """
@@ -68,6 +69,33 @@ def test_packages_import_only_downward(package: str) -> None:
         if (bad := (imported_packages(path) & OURS) - ALLOWED[package] - {package})
     }
     assert not wrong, f"{package} imports packages above it: {wrong}"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Full dotted names of everything `path` imports, at any depth (`from a.b import c`
+    counts as `a.b` and `a.b.c`)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_only_evaluation_draws_independent_scenes() -> None:
+    """training/independent_scenes.py is the held-out renderer: a training module that used
+    it would train on what the evaluation means to keep unseen."""
+    allowed = {"training/cli.py", "training/independent_scenes.py"}
+    users = [
+        rel
+        for p in modules("training")
+        if (rel := str(p.relative_to(ROOT))) not in allowed
+        and not p.name.startswith("evaluate")
+        and "training.independent_scenes" in imported_modules(p)
+    ]
+    assert not users, f"training modules that import the evaluation-only renderer: {users}"
 
 
 def test_molmo_model_knows_nothing_of_vllm() -> None:

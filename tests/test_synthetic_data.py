@@ -171,6 +171,60 @@ def test_scene_size_is_a_parameter():
     _check_scene_layout(wide.objects, 640, 200, SceneConfig().gap)
 
 
+def test_rendering_variety_off_draws_the_scenes_the_demo_model_knew():
+    """With every variety option at its default, scenes (and clocks) are the pixels the
+    committed demo models were trained and evaluated on (hashes taken before the options)."""
+    import hashlib
+
+    from training.config import DEMO_SCENE
+
+    def digest(image: Image.Image) -> str:
+        return hashlib.sha256(image.tobytes()).hexdigest()[:16]
+
+    seeds = (0, 7, 12345)
+    assert [digest(render_scene(s).image) for s in seeds] == [
+        "90d71ce5e696b49e", "e70b87f68c678ce5", "19dbfed1bd3d6450"]  # fmt: skip
+    assert [digest(render_scene(s, SceneConfig(**DEMO_SCENE)).image) for s in seeds] == [
+        "9e4791afa690cbe8", "fc0e8cdb261bab95", "d8b88b9e142dde6f"]  # fmt: skip
+    assert [digest(render_clock(s).image) for s in (0, 3)] == [
+        "93e2b19d1ed53ded", "1da2f12214ee0780"]  # fmt: skip
+
+
+def test_robust_scenes_vary_the_drawing_and_keep_the_targets_true():
+    """ROBUST_SCENE: shades, outlines, rotations, soft edges, textures, JPEG. Each object's box
+    is the tight box of its drawn pixels, its centre shows its colour, and the shades of a
+    colour name vary while staying nearest to that colour among the scene's colours."""
+    from training.config import ROBUST_SCENE
+
+    cfg = SceneConfig(**{**ROBUST_SCENE, "jpeg_prob": 0.0})
+    sizes, shades = set(), {c: set() for c in cfg.colours}
+    for seed in range(12):
+        scene = render_scene(seed, cfg)
+        assert 224 <= scene.width <= 800 and 224 <= scene.height <= 800
+        sizes.add((scene.width, scene.height))
+        _check_scene_layout(scene.objects, scene.width, scene.height, 0)
+        pixels = scene.image.convert("RGB")
+        for o in scene.objects:
+            x, y = (round(v - 0.5) for v in o.centre)
+            got = pixels.getpixel((x, y))
+            shades[o.colour].add(got)
+            nearest = min(cfg.colours, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], got, strict=True)))
+            assert nearest == o.colour, (seed, o, got)
+        # Tight boxes: the pixels just outside a box are background, not the object's colour.
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            assert x1 - x0 >= 6 and y1 - y0 >= 6
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            fill = pixels.getpixel((cx, cy))
+            for px, py in ((x0 - 2, cy), (x1 + 1, cy), (cx, y0 - 2), (cx, y1 + 1)):
+                if 0 <= px < scene.width and 0 <= py < scene.height:
+                    assert pixels.getpixel((px, py)) != fill
+    assert len(sizes) == 12
+    assert all(len(v) >= 3 for v in shades.values())  # shades, not one RGB per name
+    jpeg = render_scene(5, SceneConfig(**{**ROBUST_SCENE, "jpeg_prob": 1.0}))
+    assert jpeg.image.mode == "RGB" and jpeg.objects
+
+
 def test_scene_config_rejects_bad_values():
     with pytest.raises(ValueError, match="kinds"):
         SceneConfig(kinds=("blob",))
@@ -180,6 +234,14 @@ def test_scene_config_rejects_bad_values():
         SceneConfig(width_range=(400, 300))
     with pytest.raises(ValueError, match="clock_fraction"):
         SyntheticConfig(clock_fraction=1.5)
+    with pytest.raises(ValueError, match="backgrounds"):
+        SceneConfig(backgrounds=("marble",))
+    with pytest.raises(ValueError, match="shade"):
+        SceneConfig(shade=2.0)
+    with pytest.raises(ValueError, match="rotation"):
+        SceneConfig(rotation=360.0)
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        SceneConfig(jpeg_quality=(50, 100))
 
 
 def test_captions_carry_length_hints_nine_times_in_ten():

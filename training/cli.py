@@ -8,6 +8,7 @@
     molmo train --list-presets
     molmo eval --model models/molmo-demo --engine vllm --examples 200 --out eval_report.json
     molmo eval --model DIR --engine reference --tasks point,count
+    molmo eval --model DIR --renderer independent --kinds circle,star --colours red,brown
 
 Distributed: `torchrun --nproc-per-node N -m training.cli train ...` (DDP; FSDP with
 `--set run.parallel=fsdp`).
@@ -26,6 +27,7 @@ from training.config import RUN_PRESETS, RunError, TrainConfig, run_preset
 from training.recipe import COMPONENTS
 
 TASKS = ("point", "count", "clock")
+RENDERERS = ("own", "independent", "both")
 
 
 def _parse_value(text: str) -> Any:
@@ -182,6 +184,13 @@ def evaluate(argv: list[str]) -> int:
                    help="--engine vllm: the fast image path (uint8 crops normalized on the device)")
     p.add_argument("--out", help="write the JSON report here (default: MODEL/eval_report.json)")
     p.add_argument("--answers", action="store_true", help="include every answer in the report")
+    p.add_argument("--renderer", choices=RENDERERS, default="both",
+                   help="synthetic scenes from the training generator (own), from the independent "
+                   "renderer (training/independent_scenes.py), or both (default; one engine)")
+    p.add_argument("--kinds", help="independent renderer: comma-separated shape kinds to ask about "
+                   "(default: the model's training vocabulary)")
+    p.add_argument("--colours", help="independent renderer: comma-separated colour names (default: "
+                   "the model's training vocabulary)")  # fmt: skip
     a = p.parse_args(argv)
     if a.data:
         return _evaluate_data(a)
@@ -206,16 +215,54 @@ def evaluate(argv: list[str]) -> int:
         tasks = tuple(t for t in tasks if t != "clock")  # the model's data has no clocks
 
     from training.evaluate import held_out_queries, run_eval
+    from training.independent_scenes import HSV_COLOURS, SHAPE_KINDS, independent_queries
 
-    queries = held_out_queries(a.examples, synthetic, a.split, a.start, tasks)
-    report = run_eval(_engine(a, model_dir), queries, with_answers=a.answers)
-    report = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
-              "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}),
-              **({"fast_preprocessing": True} if a.fast_preprocessing else {}), **report}  # fmt: skip
+    independent_tasks = tuple(t for t in tasks if t in ("point", "count"))
+    if (a.kinds or a.colours) and a.renderer == "own":
+        print("molmo eval: --kinds/--colours choose what the independent renderer draws; "
+              "use --renderer independent or both", file=sys.stderr)  # fmt: skip
+        return 2
+    if a.renderer == "independent" and not independent_tasks:
+        print("molmo eval: the independent renderer asks point and count questions; "
+              f"--tasks {a.tasks!r} has neither", file=sys.stderr)  # fmt: skip
+        return 2
+    vocabulary = {}
+    for name, given, default, known in (("kinds", a.kinds, synthetic.scene.kinds, SHAPE_KINDS),
+                                        ("colours", a.colours, synthetic.scene.colours, tuple(HSV_COLOURS))):  # fmt: skip
+        names = [n.strip() for n in given.split(",") if n.strip()] if given else list(default)
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            print(f"molmo eval: --{name}: unknown {unknown or 'none given'}; choose from "
+                  f"{','.join(known)}", file=sys.stderr)  # fmt: skip
+            return 2
+        vocabulary[name] = list(dict.fromkeys(names))
+
+    engine = _engine(a, model_dir)  # one engine answers both renderers' questions
+    head = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
+            "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}),
+            **({"fast_preprocessing": True} if a.fast_preprocessing else {})}  # fmt: skip
+    own: dict[str, Any] = {}
+    if a.renderer in ("own", "both"):
+        queries = held_out_queries(a.examples, synthetic, a.split, a.start, tasks)
+        own = run_eval(engine, queries, with_answers=a.answers)
+    independent: dict[str, Any] | None = None
+    if a.renderer in ("independent", "both") and independent_tasks:
+        queries = independent_queries(a.examples, vocabulary["kinds"], vocabulary["colours"],
+                                      a.start, independent_tasks)  # fmt: skip
+        independent = {**run_eval(engine, queries, with_answers=a.answers), **vocabulary,
+                       "scenes": a.examples}  # fmt: skip
+    if a.renderer == "independent":  # no split: the independent scenes are seeds start..start+N-1
+        head = {k: v for k, v in head.items() if k != "split"} | {"tasks": list(independent_tasks)}
+        report = {**head, "renderer": "independent", **independent}
+    else:  # the own generator's results stay at the top level, as other code reads them
+        report = {**head, **own, **({"independent": independent} if independent else {})}
     out = Path(a.out) if a.out else model_dir / "eval_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    summary = {k: report[k] for k in ("pointing", "counting", "clock") if k in report}
-    print(json.dumps(summary, indent=2))
+    for label, part in (("own generator", own), ("independent renderer", independent or {})):
+        summary = {k: part[k] for k in ("pointing", "counting", "clock") if k in part}
+        if summary:
+            print(f"{label}:")
+            print(json.dumps(summary, indent=2))
     print(f"report: {out}")
     return 0
 

@@ -21,6 +21,13 @@ Metrics (paper, pointing evaluation):
   equals the true count; accuracy over queries with 1..10 objects (and over all).
 - clocks: the first H:MM in the answer names the true hour (mod 12) and minute.
 
+Two renderers draw the scenes (`molmo eval --renderer own|independent|both`, default both,
+one engine): the training generator's held-out split (the report's top level), and
+`training/independent_scenes.py`, written apart from it (supersampled, rotated shapes, HSV
+colour ranges, outlines, light textures, 300-800 px sides; its report under "independent",
+asked about the model's training vocabulary or `--kinds`/`--colours`). A model that scores
+well on its own generator but not on the independent one learned the generator, not the task.
+
     molmo eval --model models/molmo-demo --engine vllm --examples 200 --out report.json
 """
 

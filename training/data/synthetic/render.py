@@ -1,6 +1,7 @@
 """Pieces shared by the synthetic generators (`scenes.py`, `clocks.py`).
 
-Seeded random streams, config range checks, backgrounds (solid, gradient, noise) and chat turns.
+Seeded random streams, config range checks, backgrounds (solid, gradient, noise, and the
+opt-in texture and clutter) and chat turns.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import math
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-BACKGROUNDS = ("solid", "gradient", "noise")
+BACKGROUNDS = ("solid", "gradient", "noise")  # the default styles
+# Opt-in styles besides: low-contrast stripes or checks, and faint blobs and strokes in
+# background tones (photo-like clutter that is never an object).
+BACKGROUND_STYLES = (*BACKGROUNDS, "texture", "clutter")
 # Muted backgrounds, far from every object colour in scenes.COLOURS.
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (246, 246, 242),
@@ -47,15 +51,18 @@ def check_subset(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -
 
 
 def render_background(
-    width: int, height: int, style: str, rng: random.Random
+    width: int, height: int, style: str, rng: random.Random, tint: float = 0.0
 ) -> tuple[Image.Image, str]:
-    """A solid, gradient or noisy RGB background and a phrase describing it."""
+    """A background of `style` (BACKGROUND_STYLES) and a phrase describing it. `tint` > 0 moves
+    the named colour by up to that many levels a channel (0 keeps the exact colours, and the
+    random stream, of the default styles)."""
     name = rng.choice(sorted(BACKGROUND_COLOURS))
     base = np.array(BACKGROUND_COLOURS[name], dtype=np.float32)
+    if tint > 0:
+        base = np.clip(base + np.array([rng.uniform(-tint, tint) for _ in range(3)]), 0, 255)
     if style == "solid":
-        return Image.new(
-            "RGB", (width, height), BACKGROUND_COLOURS[name]
-        ), f"a plain {name} background"
+        array = np.broadcast_to(np.rint(base).astype(np.uint8), (height, width, 3))
+        return Image.fromarray(np.ascontiguousarray(array), "RGB"), f"a plain {name} background"
     if style == "gradient":
         other = rng.choice(sorted(set(BACKGROUND_COLOURS) - {name}))
         angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -71,8 +78,36 @@ def render_background(
         sd = rng.uniform(6.0, 18.0)
         pixels = base + sd * noise.standard_normal((height, width, 3), dtype=np.float32)
         phrase = f"a grainy {name} background"
+    elif style == "texture":
+        period = rng.uniform(6.0, 40.0)  # pixels per stripe or check
+        angle = rng.uniform(0.0, math.pi)
+        xs = np.arange(width, dtype=np.float32)[None, :]  # [1, W]
+        ys = np.arange(height, dtype=np.float32)[:, None]  # [H, 1]
+        u = (xs * math.cos(angle) + ys * math.sin(angle)) / period  # [H, W]
+        if rng.random() < 0.5:
+            wave = np.floor(u) % 2  # stripes
+        else:
+            v = (ys * math.cos(angle) - xs * math.sin(angle)) / period
+            wave = (np.floor(u) + np.floor(v)) % 2  # checks
+        pixels = base + rng.choice((-1.0, 1.0)) * rng.uniform(8.0, 24.0) * wave[..., None]
+        phrase = f"a patterned {name} background"
+    elif style == "clutter":
+        image = Image.new("RGB", (width, height), tuple(int(v) for v in np.rint(base)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(4, 14)):  # faint blobs and strokes, near the base tone
+            shift = rng.uniform(-30.0, 30.0)  # mostly lighter or darker, barely tinted
+            tone = tuple(int(np.clip(v + shift + rng.uniform(-6, 6), 0, 255)) for v in base)
+            x, y = rng.uniform(0, width), rng.uniform(0, height)
+            r = rng.uniform(0.05, 0.3) * min(width, height)
+            if rng.random() < 0.5:
+                draw.ellipse([x - r, y - 0.6 * r, x + r, y + 0.6 * r], fill=tone)
+            else:
+                draw.line([x, y, x + rng.uniform(-2, 2) * r, y + rng.uniform(-2, 2) * r],
+                          fill=tone, width=rng.randint(1, 6))  # fmt: skip
+        blurred = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 4.0)))
+        return blurred, f"a cluttered {name} background"
     else:
-        raise ValueError(f"background style must be one of {BACKGROUNDS}, got {style!r}")
+        raise ValueError(f"background style must be one of {BACKGROUND_STYLES}, got {style!r}")
     array = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # [H, W, 3]
     return Image.fromarray(array, "RGB"), phrase
 

@@ -10,6 +10,8 @@ and box, and its centre is the pointing target. What the scenes are asked is in
 
 from __future__ import annotations
 
+import colorsys
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from training.data.records import inside
 from training.data.synthetic.render import (
+    BACKGROUND_STYLES,
     BACKGROUNDS,
     check_range,
     check_subset,
@@ -88,6 +91,17 @@ class SceneConfig:
     absent_prob: float = 0.3  # chance of an extra question about something not in the picture
     caption_prob: float = 0.5  # chance of a dense-caption annotation
     hint_prob: float = 0.9  # chance that a caption prompt carries a length hint
+    # Rendering variety (all off by default: then scenes are drawn exactly as before, from the
+    # same random stream). What should not matter to a pointer: the shade of a colour, an
+    # outline, a rotation, soft edges, the background's tint, JPEG artefacts.
+    shade: float = 0.0  # 0..1: how far an object's fill strays from its colour's RGB (HSV jitter)
+    outline_prob: float = 0.0  # chance that an object has an outline, darker or lighter
+    outline_width: tuple[int, int] = (1, 4)  # pixels
+    rotation: float = 0.0  # objects other than circles turn by up to this many degrees
+    supersample: int = 1  # draw each object this many times larger, then shrink (anti-aliasing)
+    background_tint: float = 0.0  # levels a channel the background colour may move
+    jpeg_prob: float = 0.0  # chance that the scene goes through JPEG
+    jpeg_quality: tuple[int, int] = (30, 90)
 
     def __post_init__(self) -> None:
         self.width_range = tuple(int(v) for v in self.width_range)  # type: ignore[assignment]
@@ -99,7 +113,17 @@ class SceneConfig:
         check_range("size_range", self.size_range, 0.0)
         check_subset("kinds", self.kinds, SHAPE_KINDS)
         check_subset("colours", self.colours, tuple(COLOURS))
-        check_subset("backgrounds", self.backgrounds, BACKGROUNDS)
+        check_subset("backgrounds", self.backgrounds, BACKGROUND_STYLES)
+        self.outline_width = tuple(int(v) for v in self.outline_width)  # type: ignore[assignment]
+        self.jpeg_quality = tuple(int(v) for v in self.jpeg_quality)  # type: ignore[assignment]
+        check_range("outline_width", self.outline_width, 1)
+        check_range("jpeg_quality", self.jpeg_quality, 1)
+        if self.jpeg_quality[1] > 95:
+            raise ValueError(f"jpeg_quality must lie in [1, 95], got {self.jpeg_quality}")
+        if not 0.0 <= self.rotation <= 180.0 or not 1 <= self.supersample <= 8:
+            raise ValueError("rotation must be in [0, 180] degrees and supersample in [1, 8]")
+        if not 0.0 <= self.background_tint <= 64.0:
+            raise ValueError(f"background_tint must be in [0, 64], got {self.background_tint}")
         if len(self.kinds) * len(self.colours) < 2:
             raise ValueError("kinds x colours must allow at least 2 combinations (target + others)")
         if not 0 <= self.max_count <= 40:
@@ -108,7 +132,8 @@ class SceneConfig:
             raise ValueError("max_distractors and gap must be >= 0, max_questions >= 1")
         if not (0 < self.size_range[0] and self.size_range[1] <= 0.5):
             raise ValueError(f"size_range must lie in (0, 0.5], got {self.size_range}")
-        for name in ("fill", "absent_prob", "caption_prob", "hint_prob"):
+        for name in ("fill", "absent_prob", "caption_prob", "hint_prob", "shade", "outline_prob",
+                     "jpeg_prob"):  # fmt: skip
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -177,6 +202,77 @@ def _draw_shape(
         draw.polygon(_shape_polygon(kind, x0, y0, s - 1), fill=fill)
 
 
+def _styled(cfg: SceneConfig) -> bool:
+    return bool(cfg.shade or cfg.outline_prob or cfg.rotation or cfg.supersample > 1)
+
+
+def _shade(rgb: tuple[int, int, int], amount: float, rng: random.Random) -> tuple[int, int, int]:
+    """`rgb` moved in HSV: hue by up to 12 degrees, saturation by up to 25% and value by up to 35%, each
+    scaled by `amount` (0..1), so the colour keeps its name."""
+    h, sat, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    h = (h + amount * rng.uniform(-12.0, 12.0) / 360.0) % 1.0
+    sat = min(1.0, max(0.0, sat * (1.0 + amount * rng.uniform(-0.25, 0.1))))
+    v = min(1.0, max(0.0, v * (1.0 + amount * rng.uniform(-0.35, 0.2))))
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, sat, v))  # type: ignore[return-value]
+
+
+def _outline_colour(fill: tuple[int, int, int], rng: random.Random) -> tuple[int, int, int]:
+    if rng.random() < 0.5:  # darker
+        k = rng.uniform(0.2, 0.6)
+        return tuple(round(c * k) for c in fill)  # type: ignore[return-value]
+    k = rng.uniform(0.4, 0.8)  # lighter: toward white
+    return tuple(round(c + (255 - c) * k) for c in fill)  # type: ignore[return-value]
+
+
+def _outline_polygon(kind: str, s: float) -> list[tuple[float, float]]:
+    """The outline of `kind` in a box of side `s` at the origin (circles excluded)."""
+    if kind == "square":
+        return [(0, 0), (s, 0), (s, s), (0, s)]
+    if kind == "cross":
+        a, b = s / 3, 2 * s / 3
+        return [(a, 0), (b, 0), (b, a), (s, a), (s, b), (b, b), (b, s), (a, s), (a, b), (0, b),
+                (0, a), (a, a)]  # fmt: skip
+    return _shape_polygon(kind, 0.0, 0.0, s)
+
+
+def _draw_styled(
+    image: Image.Image,
+    kind: str,
+    spot: tuple[int, int, int],
+    colour: tuple[int, int, int],
+    cfg: SceneConfig,
+    rng: random.Random,
+) -> tuple[int, int, int, int]:
+    """Draw `kind` inside the square `spot` (x, y, side) with the config's rendering variety;
+    returns the box of its drawn pixels (x1/y1 exclusive)."""
+    x, y, size = spot
+    k = cfg.supersample
+    fill = _shade(colour, cfg.shade, rng) if cfg.shade else colour
+    width = 0
+    if cfg.outline_prob and rng.random() < cfg.outline_prob:
+        width = min(rng.randint(*cfg.outline_width), max(1, size // 6))
+    line = _outline_colour(fill, rng) if width else None
+    angle = math.radians(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation else 0.0
+    layer = Image.new("RGBA", (size * k, size * k), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    if kind == "circle":
+        draw.ellipse([0, 0, size * k - 1, size * k - 1], fill=fill, outline=line, width=width * k)
+    else:
+        pts = _outline_polygon(kind, 1.0)
+        c, s = math.cos(angle), math.sin(angle)
+        turned = [((px - 0.5) * c - (py - 0.5) * s, (px - 0.5) * s + (py - 0.5) * c) for px, py in pts]
+        extent = max(max(abs(px), abs(py)) for px, py in turned)  # fit the turned shape in the box
+        side = (size * k - 1) / 2.0
+        poly = [(side + px / extent * side, side + py / extent * side) for px, py in turned]
+        draw.polygon(poly, fill=fill, outline=line, width=width * k)
+    if k > 1:
+        layer = layer.resize((size, size), Image.Resampling.BOX)
+    image.alpha_composite(layer, (x, y)) if image.mode == "RGBA" else image.paste(layer, (x, y), layer)
+    alpha = np.asarray(layer)[..., 3] > 32  # [size, size]: the drawn pixels
+    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+    return (x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1)
+
+
 def _free_spot(occupied: np.ndarray, size: int, rng: random.Random) -> tuple[int, int] | None:
     """A uniformly chosen top-left corner where a size x size box touches nothing occupied."""
     h, w = occupied.shape
@@ -217,8 +313,11 @@ def render_scene(seed: int, config: SceneConfig | None = None) -> Scene:
     wanted = [target] * rng.randint(0, cfg.max_count)
     wanted += [rng.choice(groups) for _ in range(rng.randint(0, cfg.max_distractors))]
 
-    image, phrase = render_background(width, height, rng.choice(cfg.backgrounds), rng)
+    image, phrase = render_background(
+        width, height, rng.choice(cfg.backgrounds), rng, tint=cfg.background_tint
+    )
     draw = ImageDraw.Draw(image)
+    styled = _styled(cfg)
     short = min(width, height)
     lo = max(6, round(cfg.size_range[0] * short))
     crowded = int(math.sqrt(cfg.fill * width * height / max(1, len(wanted)))) - cfg.gap
@@ -245,6 +344,13 @@ def render_scene(seed: int, config: SceneConfig | None = None) -> Scene:
         occupied[
             max(0, y - cfg.gap) : y + size + cfg.gap, max(0, x - cfg.gap) : x + size + cfg.gap
         ] = True
-        _draw_shape(draw, kind, box, COLOURS[colour])
+        if styled:
+            box = _draw_styled(image, kind, (x, y, size), COLOURS[colour], cfg, rng)
+        else:
+            _draw_shape(draw, kind, box, COLOURS[colour])
         objects.append(SceneObject(kind, colour, box))
+    if cfg.jpeg_prob and rng.random() < cfg.jpeg_prob:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=rng.randint(*cfg.jpeg_quality))
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return Scene(image=image, objects=objects, target=target, background=phrase, seed=seed)
