@@ -270,6 +270,9 @@ def test_ctrl_c_writes_what_was_measured(tmp_path: Path) -> None:
             [sys.executable, "-m", "molmo_cli", "bench", "serve", "--base-url", server.url, "--out",
              str(tmp_path), "--no-progress", "--image-size", "64x48", "--num-requests", "10"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # A test run started as a background job inherits SIGINT ignored, and Python keeps
+            # it so: Ctrl-C must reach the bench as it does at a terminal.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         while len(server.requests) < 4:  # the 4th request hangs: two measured ones are done
             assert proc.poll() is None, proc.communicate()
