@@ -443,7 +443,7 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
         """Eight long requests whose clients give up once all are in the engine (polled, not
         timed); False when one ended first (a slow machine's spoiled attempt)."""
         async with httpx.AsyncClient(base_url=server.url, headers=h, timeout=120) as c:
-            long = {**body, "stream": False, "max_tokens": MAX_MODEL_LEN - 100, "n": 1}
+            long = {**body, "stream": False, "max_tokens": MAX_MODEL_LEN - 100}  # n=4: 32 sequences
             posts = [
                 asyncio.create_task(c.post("/v1/chat/completions", json=long)) for _ in range(8)
             ]
