@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from training.data.synthetic.annotations import COUNT_TEMPLATES, POINT_TEMPLATES, query_label
-from training.data.synthetic.scenes import SHAPE_KINDS
+from training.data.synthetic.scenes import SHAPE_KINDS, SceneObject
 from training.evaluate import Query
 
 SAMPLES = 4  # supersamples per pixel along each axis
@@ -58,28 +58,14 @@ HSV_COLOURS: dict[str, tuple[float, float, tuple[float, float], tuple[float, flo
 }
 
 
-@dataclass(frozen=True)
-class IndependentObject:
-    """One drawn shape; `box` is the tight box of its pixels, x1/y1 exclusive."""
-
-    kind: str
-    colour: str
-    box: tuple[int, int, int, int]
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.box
-        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
-
-
 @dataclass
 class IndependentScene:
     image: Image.Image
-    objects: list[IndependentObject]
+    objects: list[SceneObject]
     target: tuple[str, str]
     seed: int
 
-    def matching(self, kind: str, colour: str) -> list[IndependentObject]:
+    def matching(self, kind: str, colour: str) -> list[SceneObject]:
         return [o for o in self.objects if o.kind == kind and o.colour == colour]
 
 
@@ -247,7 +233,7 @@ def render_independent(seed: int, kinds: Sequence[str] = SHAPE_KINDS,
     s_lo = SIDE_RANGE[0] * short
     s_hi = max(s_lo, min(SIDE_RANGE[1] * short, crowded))
     taken: list[tuple[int, int, int, int]] = []  # drawn boxes; a new one keeps GAP from them
-    objects: list[IndependentObject] = []
+    objects: list[SceneObject] = []
     for kind, colour in wanted:  # targets first, so crowding drops distractors first
         r = rng.uniform(s_lo, s_hi) / 2.0
         tilt = TILT if kind in ("square", "diamond", "cross") else 180.0
@@ -268,7 +254,7 @@ def render_independent(seed: int, kinds: Sequence[str] = SHAPE_KINDS,
             box = _draw(img, kind, poly, r, cx, cy, colour, rng)
             if box is not None:
                 taken.append(box)
-                objects.append(IndependentObject(kind, colour, box))
+                objects.append(SceneObject(kind, colour, box))
                 break
     pixels = np.round(img * 255.0).astype(np.uint8)  # [H, W, 3]
     return IndependentScene(Image.fromarray(pixels, "RGB"), objects, target, seed)

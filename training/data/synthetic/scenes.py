@@ -267,7 +267,7 @@ def _draw_styled(
         draw.polygon(poly, fill=fill, outline=line, width=width * k)
     if k > 1:
         layer = layer.resize((size, size), Image.Resampling.BOX)
-    image.alpha_composite(layer, (x, y)) if image.mode == "RGBA" else image.paste(layer, (x, y), layer)
+    image.paste(layer, (x, y), layer)  # the RGB scene, through the layer's alpha
     alpha = np.asarray(layer)[..., 3] > 32  # [size, size]: the drawn pixels
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
     return (x + int(cols[0]), y + int(rows[0]), x + int(cols[-1]) + 1, y + int(rows[-1]) + 1)
