@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels of all requests decoding at once (default: --max-image-pixels)",
     )
     g.add_argument(
+        "--header-read-timeout",
+        type=float,
+        default=d.header_read_timeout,
+        help="seconds a client has to send a request's headers (then 408; an idle new "
+        "connection is closed)",
+    )
+    g.add_argument(
         "--body-read-timeout",
         type=float,
         default=d.body_read_timeout,
@@ -187,6 +194,7 @@ def serve(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import protocol_class
     from server.images import return_freed_images_to_the_os
 
     return_freed_images_to_the_os()
@@ -206,6 +214,7 @@ def serve(argv: list[str] | None = None) -> int:
             log_level=config.log_level,
             timeout_graceful_shutdown=config.shutdown_timeout,
             limit_concurrency=config.max_connections,
+            http=protocol_class(config.header_read_timeout),
             access_log=False,
         )
     )

@@ -32,6 +32,7 @@ class ServerConfig:
     allow_private_image_addresses: bool = False  # fetch from loopback/private/link-local too
     decode_workers: int = 2  # threads decoding images (all requests share them)
     decode_pixel_budget: int | None = None  # pixels decoding at once; default: max_image_pixels
+    header_read_timeout: float = 30.0  # seconds to receive a request's headers (then 408)
     body_read_timeout: float = 30.0  # seconds to receive a request's whole body (then 408)
     max_connections: int = 1024  # open HTTP connections; more get 503
 
@@ -82,7 +83,7 @@ class ServerConfig:
             self.decode_pixel_budget = self.max_image_pixels
         elif self.decode_pixel_budget < 1:
             raise ValueError(f"decode_pixel_budget must be >= 1, got {self.decode_pixel_budget}")
-        for name in ("body_read_timeout", "engine_start_timeout"):
+        for name in ("header_read_timeout", "body_read_timeout", "engine_start_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.remote_image_ports or any(not 0 < p < 65536 for p in self.remote_image_ports):
