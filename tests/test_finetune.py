@@ -6,7 +6,7 @@ names, a Qwen2-sized tokenizer.json with the image tokens at 152064..152068; onl
 are tiny, and because the official config does not describe the vision tower, a tiny tower's
 fields are added as our own checkpoints add them: a full ViT-L would take minutes a step on
 a CPU) -> a JSONL file and PNG files on disk -> `molmo train --init-from --data --val-data`
-(a subprocess) -> `molmo eval --data` (reference engine) -> `molmo serve --model` (the real
+(a subprocess) -> `molmo eval --data` (vLLM and the reference, same answers) -> `molmo serve --model` (the real
 server on vLLM) answering `POST /v1/point` with the points the fine-tuning taught. The
 training data is one image asked about twice; at a high learning rate the tiny model learns
 the answers by heart in a few dozen steps, so the served points can only come from the
@@ -111,15 +111,19 @@ def test_release_checkpoint_fine_tuned_on_jsonl_is_evaluated_and_served(tmp_path
     assert rows[-1]["loss"] < 0.1 * rows[0]["loss"], [r["loss"] for r in rows]
     assert rows[-1]["eval_pointing_f1"] == 1.0 and rows[-1]["eval_exact_match"] == 1.0  # the val data's
 
-    report_path = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, "-m", "molmo_cli", "eval", "--model", str(model_dir), "--data",
-                           str(data), "--engine", "reference", "--out", str(report_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "pointing f1" in done.stdout
-    report = json.loads(report_path.read_text())
-    assert report["pointing"]["f1"] == 1.0 and report["counting"]["accuracy"] == 1.0
-    assert report["exact_match"]["accuracy"] == 1.0
+    # Scored on the user's data by both engines: vLLM (what users run) and the reference.
+    reports = {}
+    for engine in ("reference", "vllm"):
+        report_path = tmp_path / f"eval_{engine}.json"
+        done = subprocess.run([sys.executable, "-m", "molmo_cli", "eval", "--model", str(model_dir), "--data",
+                               str(data), "--engine", engine, "--dtype", "float32", "--answers", "--out", str(report_path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "pointing f1" in done.stdout
+        reports[engine] = report = json.loads(report_path.read_text())
+        assert report["pointing"]["f1"] == 1.0 and report["counting"]["accuracy"] == 1.0
+        assert report["exact_match"]["accuracy"] == 1.0
+    assert reports["vllm"]["per_query"] == reports["reference"]["per_query"]  # answers too
 
     with running_server(model_dir, tmp_path, "--max-model-len", "1024") as server:
         r = httpx.post(f"{server.url}/v1/point", timeout=120,
