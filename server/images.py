@@ -43,7 +43,7 @@ from PIL import Image
 
 from molmo_model.config import PreprocessConfig
 from molmo_model.images import ImageError, check_size, to_rgb
-from molmo_model.preprocessing import select_grid
+from molmo_model.preprocessing import fit_size, select_grid
 from server.errors import bad_request
 
 logger = logging.getLogger("server")
@@ -161,13 +161,24 @@ class Header:
 
     def _reduction(self, size: tuple[int, int], factors: Any) -> int:
         """The largest factor in `factors` that shrinks `size` (stored frame) and still
-        covers the model's canvas with the crop grid of the image as sent (else 1)."""
+        covers the model's canvas with the crop grid of the image as sent, and whose result
+        the preprocessor resizes to the very box (size and place on both views' canvases)
+        it gives the image as sent, so that the crops' masks are the same and the pixels
+        differ only by the resampling (else 1)."""
         config = self.geometry
-        rows, cols = select_grid(*self._upright(self.sent_size), config)
+        sent_w, sent_h = self._upright(self.sent_size)
+        rows, cols = select_grid(sent_w, sent_h, config)
         need_h, need_w = config.canvas_size(rows, cols)
+        canvases = (config.canvas_size(1, 1), (need_h, need_w))
+        boxes = [fit_size(sent_h, sent_w, *c) for c in canvases]
         for f in factors:
             w, h = self._upright((-(-size[0] // f), -(-size[1] // f)))
-            if w >= need_w and h >= need_h and select_grid(w, h, config) == (rows, cols):
+            if (
+                w >= need_w
+                and h >= need_h
+                and select_grid(w, h, config) == (rows, cols)
+                and [fit_size(h, w, *c) for c in canvases] == boxes
+            ):
                 return f
         return 1
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from helpers import Server, assert_openai_error, data_url, encode_image, image_part, running_server
 from PIL import Image
 
@@ -54,6 +56,7 @@ MAX_PIXELS = 20_000_000  # the test server's --max-image-pixels
 LIMIT_SIZE = (5000, 4000)  # an image exactly at it
 MAX_BODY = 4_000_000
 RSS_GROWTH_LIMIT = 300 * 2**20
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "molmo-demo"
 
 
 # ---------------------------------------------------------------- crafted files
@@ -183,6 +186,39 @@ def test_large_images_decode_reduced_with_the_same_crop_grid(fmt: str, orientati
     assert select_grid(w, h, config) == select_grid(*sent, config)
     assert image_token_count(w, h) == image_token_count(*sent)
     assert decoded.image.mode == "RGB" and decoded.image.getpixel((w // 2, h // 2))[0] > 200
+
+
+@pytest.mark.parametrize(
+    ("size", "fmt"),
+    [((4000, 3000), "PNG"), ((3000, 4000), "PNG"), ((4001, 2999), "JPEG"), ((5000, 1700), "PNG"),
+     ((2600, 2000), "GIF"), ((4000, 3000), "JPEG")],
+)  # fmt: skip
+def test_a_reduced_decode_gives_the_crops_of_the_full_one(size: tuple[int, int], fmt: str) -> None:
+    """What the default (exact) path computes from a reduced decode: the same tokens and
+    image masks as from the image as sent (Ai2's preprocessing), and pixels that differ only
+    by resampling. A reduction whose resize lands one pixel off (4000x3000 by 3 -> 1334x1000)
+    would shift the image against its masks: refused."""
+    from molmo_model.preprocessing import MolmoPreprocessor
+    from molmo_model.tokenizer import MolmoTokenizer
+
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    rng = np.random.default_rng(0)
+    pixels = np.stack([128 + 90 * np.sin(x / (31 + 9 * c)) * np.cos(y / 47) for c in range(3)], -1)
+    pixels += rng.normal(0, 10, pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    raw = encode_image(image, fmt)
+    decoded = decode_image(raw, 64_000_000)
+    pre = MolmoPreprocessor(PreprocessConfig(), MolmoTokenizer.from_dir(DEMO_MODEL))
+    full = pre.preprocess(Image.open(io.BytesIO(raw)).convert("RGB"))
+    reduced = pre.preprocess(decoded.image)
+    assert reduced.tokens == full.tokens
+    assert torch.equal(reduced.image_masks, full.image_masks)
+    diff = (reduced.images - full.images).abs()  # CLIP-normalised: a range of about 3.7
+    print(f"{fmt} {size} decoded as {decoded.image.size}: mean |diff| {diff.mean():.4f}, max {diff.max():.4f}")
+    if decoded.image.size == size:  # no reduction lands on the same box: decoded whole
+        assert diff.max() == 0
+    else:  # the resampling differs (noisy pixels: about one grey level on average)
+        assert diff.mean() <= 0.02 and diff.max() <= 0.3, (diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("size", [(300, 200), (3000, 2000)])  # decoded as it is, and reduced
