@@ -73,7 +73,11 @@ def expected_prompt_tokens(tokenizer, messages: list[dict], sizes: list[tuple[in
 
 
 def metric(server: Server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
+    return metric_in(httpx.get(f"{server.url}/metrics").text, name)
+
+
+def metric_in(text: str, name: str) -> float:
+    """`name`'s value in a /metrics page."""
     pattern = re.escape(name) if name.endswith(",") else rf"{re.escape(name)}(?:{{[^}}]*}})?"
     if name.endswith(","):  # a label prefix: match the rest of the labels
         pattern += r"[^}]*}"
@@ -84,7 +88,11 @@ def metric(server: Server, name: str) -> float:
 
 def in_engine(server: Server) -> float:
     """Requests the server has admitted: generating or waiting for the engine."""
-    return metric(server, "molmo_requests_running") + metric(server, "molmo_requests_waiting")
+    return in_engine_of(httpx.get(f"{server.url}/metrics").text)
+
+
+def in_engine_of(text: str) -> float:
+    return metric_in(text, "molmo_requests_running") + metric_in(text, "molmo_requests_waiting")
 
 
 def finished(server: Server) -> float:
@@ -456,13 +464,7 @@ def test_queue_full_then_disconnects_free_the_engine(server: Server) -> None:
             deadline = time.monotonic() + 120
 
             async def admitted() -> float:  # polled without blocking the posts' event loop
-                text = (await c.get("/metrics")).text
-                return sum(
-                    float(m.group(1))
-                    for m in re.finditer(
-                        r"^molmo_requests_(?:running|waiting) (\S+)$", text, re.MULTILINE
-                    )
-                )
+                return in_engine_of((await c.get("/metrics")).text)
 
             while await admitted() < requests and not any(p.done() for p in posts):
                 assert time.monotonic() < deadline, "the requests were not admitted"

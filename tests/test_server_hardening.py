@@ -44,7 +44,8 @@ from PIL import Image
 
 from molmo_model.config import PreprocessConfig
 from molmo_model.images import ImageError, load_image
-from molmo_model.preprocessing import image_token_count, select_grid
+from molmo_model.preprocessing import MolmoPreprocessor, image_token_count, select_grid
+from molmo_model.tokenizer import MolmoTokenizer
 from server.app import create_app
 from server.config import ServerConfig
 from server.errors import APIError
@@ -56,7 +57,6 @@ MAX_PIXELS = 20_000_000  # the test server's --max-image-pixels
 LIMIT_SIZE = (5000, 4000)  # an image exactly at it
 MAX_BODY = 4_000_000
 RSS_GROWTH_LIMIT = 300 * 2**20
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "molmo-demo"
 
 
 # ---------------------------------------------------------------- crafted files
@@ -193,14 +193,13 @@ def test_large_images_decode_reduced_with_the_same_crop_grid(fmt: str, orientati
     [((4000, 3000), "PNG"), ((3000, 4000), "PNG"), ((4001, 2999), "JPEG"), ((5000, 1700), "PNG"),
      ((2600, 2000), "GIF"), ((4000, 3000), "JPEG")],
 )  # fmt: skip
-def test_a_reduced_decode_gives_the_crops_of_the_full_one(size: tuple[int, int], fmt: str) -> None:
+def test_a_reduced_decode_gives_the_crops_of_the_full_one(
+    size: tuple[int, int], fmt: str, tok: MolmoTokenizer
+) -> None:
     """What the default (exact) path computes from a reduced decode: the same tokens and
     image masks as from the image as sent (Ai2's preprocessing), and pixels that differ only
     by resampling. A reduction whose resize lands one pixel off (4000x3000 by 3 -> 1334x1000)
     would shift the image against its masks: refused."""
-    from molmo_model.preprocessing import MolmoPreprocessor
-    from molmo_model.tokenizer import MolmoTokenizer
-
     y, x = np.mgrid[0 : size[1], 0 : size[0]]
     rng = np.random.default_rng(0)
     pixels = np.stack([128 + 90 * np.sin(x / (31 + 9 * c)) * np.cos(y / 47) for c in range(3)], -1)
@@ -208,7 +207,7 @@ def test_a_reduced_decode_gives_the_crops_of_the_full_one(size: tuple[int, int],
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     raw = encode_image(image, fmt)
     decoded = decode_image(raw, 64_000_000)
-    pre = MolmoPreprocessor(PreprocessConfig(), MolmoTokenizer.from_dir(DEMO_MODEL))
+    pre = MolmoPreprocessor(PreprocessConfig(), tok)
     full = pre.preprocess(Image.open(io.BytesIO(raw)).convert("RGB"))
     reduced = pre.preprocess(decoded.image)
     assert reduced.tokens == full.tokens

@@ -133,7 +133,7 @@ def test_python_client_points_at_a_file(server, scene, scene_file) -> None:
 
 
 # ---------------------------------------------------------------- pictures drawn elsewhere
-# Issue 18, open: the demo model learned its generator's square pictures and fails these. They
+# Issue 18, ended blocked (no GPU): the demo model learned its generator's square pictures and fails these. They
 # are strict xfails, so a default model that passes them turns them into failures to remove.
 NOT_YET = pytest.mark.xfail(
     strict=True, reason="issue 18: the demo model was trained on near-square pictures only"
