@@ -9,20 +9,30 @@ tensor-parallel layers so that it runs on vLLM's paged KV cache:
     blocks.i.att_proj (bias)           QKVParallelLinear, then get_rope (NeoX) + Attention
     blocks.i.attn_out                  RowParallelLinear
     blocks.i.attn_norm / ff_norm       RMSNorm (fused residual add)
-    blocks.i.ff_proj -> (x, gate)      MergedColumnParallelLinear loaded as (gate, x) + SiluAndMul
+    blocks.i.ff_proj -> (x, gate)      MergedColumnParallelLinear in Ai2's (x, gate) order + MulAndSilu
     blocks.i.ff_out                    RowParallelLinear
     transformer.ln_f                   RMSNorm
     transformer.ff_out (untied head)   ParallelLMHead + LogitsProcessor over embedding_size
 
 Module names mirror Ai2's (`transformer.blocks.0.att_proj`, `vision_backbone.image_vit...`),
-so the weight table (`_SPECIAL_WEIGHTS`) is short: strip the leading `model.`, concatenate
-the two embedding tables, swap ff_proj's halves. Loading is strict: every checkpoint tensor
+so the weight table (`_SPECIAL_WEIGHTS`) is short: strip the leading `model.` and concatenate
+the two embedding tables. Loading is strict: every checkpoint tensor
 is checked against the shapes of the PyTorch reference model built from the same config,
 and any missing, unexpected or mis-shaped tensor raises an error naming it.
 
 As in Ai2's code (and our reference model), image features are ADDED to the embeddings of
 the `<im_patch>` tokens; they do not replace them. Processor side: molmo_vllm/processor.py.
 Registered with vLLM by `molmo_vllm.register()`; no pipeline parallelism.
+
+LoRA (vLLM's `SupportsLoRA`): the decoder's att_proj, attn_out, ff_proj and ff_out take
+adapters in PEFT's format as molmo_model/lora.py writes them (and as PEFT names an adapter of
+Ai2's HF model): `hf_to_vllm_mapper` strips the leading `model.` of the adapter's module
+paths, and the fused QKV and (x, gate) projections are declared as single packed modules,
+so an adapter's fused lora_B rows land as Ai2's layout has them. That is why ff_proj keeps
+Ai2's half order here (MulAndSilu = x * silu(gate)) instead of swapping the halves at load
+time for SiluAndMul: a swapped layer would need every adapter's lora_B swapped too. The
+vision tower and connector are plain PyTorch (molmo_model.vision) and take no adapters in
+vLLM: adapters of them are merged into a checkpoint instead (`molmo export --merge-lora`).
 
 The model supports vLLM's `mm_device_do_normalize` (so vLLM turns it on by default): the
 processor then sends raw uint8 crops and `embed_multimodal` normalises them on the device
@@ -39,7 +49,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.activation import MulAndSilu
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
@@ -55,8 +65,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsLoRA,
+    SupportsMultiModal,
+)
+from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
@@ -165,8 +180,8 @@ class MolmoBlock(nn.Module):
         )
 
         self.ff_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        # Shard 0 holds Ai2's gate half and shard 1 its x half (swapped at load time), so
-        # SiluAndMul's silu(first) * second equals Ai2's x * silu(gate).
+        # Shard 0 holds Ai2's x half and shard 1 its gate half, as the checkpoint (and a LoRA's
+        # lora_B) lays them out; MulAndSilu's first * silu(second) is Ai2's x * silu(gate).
         self.ff_proj = MergedColumnParallelLinear(
             cfg.hidden_size,
             [cfg.mlp_hidden_size] * 2,
@@ -174,7 +189,7 @@ class MolmoBlock(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.ff_proj",
         )
-        self.act = SiluAndMul()
+        self.act = MulAndSilu()
         self.ff_out = RowParallelLinear(
             cfg.mlp_hidden_size,
             cfg.hidden_size,
@@ -296,8 +311,22 @@ def expected_checkpoint_shapes(config: MolmoConfig) -> dict[str, torch.Size]:
 @MULTIMODAL_REGISTRY.register_processor(
     MolmoMultiModalProcessor, info=MolmoProcessingInfo, dummy_inputs=MolmoDummyInputsBuilder
 )
-class MolmoForCausalLM(nn.Module, SupportsMultiModal):
+class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
     supports_mm_device_do_normalize = True  # uint8 crops, normalised in embed_multimodal
+    # LoRA: the fused projections are one adapter module each (PEFT adapts them fused).
+    packed_modules_mapping = {"att_proj": ["att_proj"], "ff_proj": ["ff_proj"]}
+    embedding_modules: dict[str, str] = {}
+    # Adapter module paths are Ai2's (`model.transformer.blocks.0.att_proj`); ours lack `model.`.
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": ""})
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """The language model takes adapters; the tower and connector are named for vLLM's
+        LoRA manager, which gives them none (they are not vLLM layers)."""
+        return MultiModelKeys.from_string_field(
+            language_model="transformer",
+            connector="vision_backbone.image_projector",
+            tower_model="vision_backbone",
+        )
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -307,7 +336,8 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        self.molmo_config = molmo_config_of(vllm_config.model_config.hf_config)
+        self.config = vllm_config.model_config.hf_config  # vLLM's LoRA manager reads it
+        self.molmo_config = molmo_config_of(self.config)
         cfg = self.molmo_config.llm
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_backbone = MolmoVisionBackbone(self.molmo_config)
@@ -393,9 +423,9 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal):
                 raise ValueError(f"checkpoint tensor {name} has no parameter {target}")
             p = params[target]
             if _is_ff_proj(name):
-                x_half, gate_half = w.chunk(2, dim=0)
-                p.weight_loader(p, gate_half, 0)
-                p.weight_loader(p, x_half, 1)
+                x_half, gate_half = w.chunk(2, dim=0)  # each [mlp_hidden, d]; TP shards each
+                p.weight_loader(p, x_half, 0)
+                p.weight_loader(p, gate_half, 1)
             else:
                 getattr(p, "weight_loader", default_weight_loader)(p, w)
             loaded.add(target)

@@ -2,7 +2,8 @@
 
 The vLLM model is built in this process (no engine: vLLM's config, a one-rank gloo group),
 then fed the tensors of a tiny checkpoint: every parameter is loaded, the fused tensors land
-where they must (embedding tables concatenated, ff_proj halves swapped for SiluAndMul), and
+where they must (embedding tables concatenated, ff_proj in Ai2's (x, gate) half order for MulAndSilu,
+as a LoRA's lora_B rows have it), and
 a renamed, dropped or mis-shaped tensor is an error naming it.
 
 Run: pytest tests/test_vllm_weights.py -q
@@ -62,9 +63,9 @@ def test_fused_tensors_land_where_they_must(built):
     assert torch.equal(wte[: emb.shape[0] + new.shape[0]], torch.cat([emb, new]))
     ff = weights["model.transformer.blocks.1.ff_proj.weight"]  # [2h, d]: Ai2 halves (x, gate)
     x_half, gate_half = ff.chunk(2)
-    ours = model.transformer.blocks[1].ff_proj.weight  # [2h, d]: (gate, x) for SiluAndMul
-    assert torch.equal(ours[: gate_half.shape[0]], gate_half)
-    assert torch.equal(ours[gate_half.shape[0] :], x_half)
+    ours = model.transformer.blocks[1].ff_proj.weight  # [2h, d]: (x, gate) for MulAndSilu
+    assert torch.equal(ours[: x_half.shape[0]], x_half)
+    assert torch.equal(ours[x_half.shape[0] :], gate_half)
     att = weights["model.transformer.blocks.0.att_proj.bias"]
     assert torch.equal(model.transformer.blocks[0].att_proj.bias, att)
     pooling = weights["model.vision_backbone.image_pooling_2d.wq.weight"]
