@@ -44,11 +44,14 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     PointManyResponse,
     PointRequest,
     PointResponse,
+    UnloadedModel,
+    UnloadLoRAAdapterRequest,
 )
 from server.serving import Serving
 
@@ -60,7 +63,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in [
         (400, "Invalid request (bad field, image, too many images, prompt too long)"),
         (401, "Missing or wrong API key"),
-        (404, "Unknown model"),
+        (403, "Run-time adapter loading is off"),
+        (404, "Unknown model or adapter"),
         (408, "Request body not received in time"),
         (413, "Request body too large"),
         (429, "Queue full"),
@@ -130,6 +134,13 @@ def create_app(
         if isinstance(engine, Exception):  # the server cannot serve: say why and stop
             logger.error("engine failed to start", exc_info=engine)
             app.state.startup_error = engine
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        try:  # the start-up adapters, so that no first request waits for one to load
+            await serving.preload_adapters(engine)
+        except Exception as e:
+            logger.error("an adapter failed to load", exc_info=e)
+            app.state.startup_error = e
             os.kill(os.getpid(), signal.SIGTERM)
             return
         serving.attach(engine)
@@ -208,9 +219,23 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=info.name, root=info.path, max_model_len=serving.max_model_len)]
-        )
+        base = ModelCard(id=info.name, root=info.path, max_model_len=serving.max_model_len)
+        adapters = [
+            ModelCard(id=a.name, root=a.path, parent=info.name, max_model_len=serving.max_model_len)
+            for a in serving.served_adapters()
+        ]
+        return ModelList(data=[base, *adapters])
+
+    @app.post("/v1/load_lora_adapter", response_model=ModelCard, responses=_ERRORS)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> ModelCard:
+        adapter = await serving.load_adapter(body.lora_name, body.lora_path)
+        return ModelCard(id=adapter.name, root=adapter.path, parent=info.name,
+                         max_model_len=serving.max_model_len)  # fmt: skip
+
+    @app.post("/v1/unload_lora_adapter", response_model=UnloadedModel, responses=_ERRORS)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> UnloadedModel:
+        adapter = await serving.unload_adapter(body.lora_name)
+        return UnloadedModel(id=adapter.name)
 
     @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:

@@ -155,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
         help="how vLLM starts its workers (default: vLLM's choice; ray for several machines)",
     )
+    lo = p.add_argument_group("LoRA adapters (README: Adapters)")
+    lo.add_argument(
+        "--lora-modules", nargs="+", action="extend", metavar="NAME=DIR",
+        help="serve these PEFT adapters (molmo train --lora) on the base; a request's model "
+        "picks one by NAME, the base's name picks none",
+    )
+    lo.add_argument("--enable-lora", action="store_true",
+                    help="adapters on without any at start (for --allow-runtime-lora)")
+    lo.add_argument("--max-loras", type=int, default=d.max_loras, help="adapters in one batch")
+    lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                    help="largest adapter rank (vLLM's values: 8, 16, 32, 64, ...)")
+    lo.add_argument("--max-cpu-loras", type=int, help="adapters kept loaded in host memory")
+    lo.add_argument(
+        "--allow-runtime-lora", action="store_true",
+        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key; "
+        "required on a non-loopback host)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -177,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str]) -> ServerConfig:
     args = vars(build_parser().parse_args(argv))
+    from server.adapters import parse_lora_modules
+
+    args["lora_modules"] = parse_lora_modules(args["lora_modules"])
     if args["model"] is None:
         args["model"] = str(default_model_dir())
     return ServerConfig(**args)

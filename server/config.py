@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")  # vLLM's
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank takes
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -51,6 +53,14 @@ class ServerConfig:
     pipeline_parallel_size: int = 1  # split the layers in stages (refused: see engine.py)
     data_parallel_size: int = 1  # model replicas behind one front end
     distributed_executor_backend: str | None = None  # mp, ray, uni, external_launcher
+
+    # LoRA adapters (server/adapters.py): a request's `model` picks one by name.
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, adapter folder) served from the start
+    enable_lora: bool = False  # adapters on (implied by lora_modules and allow_runtime_lora)
+    max_loras: int = 1  # adapters in one engine batch
+    max_lora_rank: int = 16  # the largest rank an adapter may have
+    max_cpu_loras: int | None = None  # adapters vLLM keeps loaded in host memory (LRU)
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     # Process.
     shutdown_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
@@ -110,5 +120,22 @@ class ServerConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        self.lora_modules = tuple((str(n), str(p)) for n, p in self.lora_modules)
+        names = [n for n, _ in self.lora_modules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"lora_modules: the name(s) {', '.join(duplicates)} are given twice")
+        self.enable_lora = self.enable_lora or bool(self.lora_modules) or self.allow_runtime_lora
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))} "
+                             f"(vLLM's), got {self.max_lora_rank}")  # fmt: skip
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
+        if self.allow_runtime_lora and self.api_key is None and self.host not in _LOOPBACK:
+            # Loading an adapter reads a folder on this machine: not for anyone on the network.
+            raise ValueError("allow_runtime_lora on a non-loopback host needs an api_key "
+                             "(--api-key or MOLMO_API_KEY)")  # fmt: skip
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")

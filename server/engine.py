@@ -25,6 +25,7 @@ class ModelInfo:
     path: str
     preprocess: PreprocessConfig  # the checkpoint's image geometry (image token counts)
     max_position_embeddings: int
+    config: MolmoConfig  # the base's whole config (adapters are checked against it)
 
     @classmethod
     def from_dir(cls, path: str, served_name: str | None = None) -> ModelInfo:
@@ -37,6 +38,7 @@ class ModelInfo:
             path=str(folder),
             preprocess=config.preprocess,
             max_position_embeddings=config.llm.max_position_embeddings,
+            config=config,
         )
 
 
@@ -63,6 +65,12 @@ def engine_args(config: ServerConfig) -> Any:
         kwargs["max_num_seqs"] = config.max_num_seqs
     if config.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.enable_lora:
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = config.max_loras
+        kwargs["max_lora_rank"] = config.max_lora_rank
+        # Room for every adapter given at start-up, so none is evicted and reloaded per request.
+        kwargs["max_cpu_loras"] = config.max_cpu_loras or max(config.max_loras, len(config.lora_modules))
     kwargs["tensor_parallel_size"] = config.tensor_parallel_size
     kwargs["pipeline_parallel_size"] = config.pipeline_parallel_size
     kwargs["data_parallel_size"] = config.data_parallel_size

@@ -366,7 +366,28 @@ class ModelCard(_Response):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "molmo-serve"
     root: str | None = None
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
+
+
+class LoadLoRAAdapterRequest(_Request):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """vLLM's body for POST /v1/unload_lora_adapter (`lora_int_id` accepted and ignored)."""
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None
+
+
+class UnloadedModel(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(_Response):

@@ -30,6 +30,7 @@ from molmo_vllm.prompt import (
     point_question,
     prompt_token_ids,
 )
+from server.adapters import Adapters, ServedAdapter, adapter_error
 from server.config import ServerConfig
 from server.engine import ModelInfo
 from server.errors import APIError, bad_request
@@ -61,6 +62,8 @@ class Prepared:
     prompt: dict[str, Any]  # {"prompt_token_ids", "multi_modal_data"?}
     prompt_len: int  # tokens after the image placeholders are expanded
     sizes: list[tuple[int, int]]  # (width, height) of each image, after EXIF
+    model: str = ""  # the model name the response reports (the base's or an adapter's)
+    lora: Any = None  # vLLM's LoRARequest for an adapter, None for the base
 
 
 @dataclass
@@ -143,6 +146,12 @@ class Serving:
         self.in_flight = 0
         self._aborts: set[asyncio.Task] = set()
         self._max_token_bytes = _max_token_bytes(tokenizer)
+        # Adapters given at start-up are checked here: a bad one stops the server (exit 2).
+        self.adapters: Adapters | None = None
+        if config.enable_lora:
+            self.adapters = Adapters(info.name, info.path, info.config, config.max_lora_rank)
+            for name, path in config.lora_modules:
+                self.adapters.add(name, path)
 
     # ---------------------------------------------------------------- state
 
@@ -157,7 +166,12 @@ class Serving:
     def ready(self) -> bool:
         return self.engine is not None and not self.engine.errored
 
-    def check_model(self, name: str | None) -> None:
+    def resolve_model(self, name: str | None) -> tuple[str, Any]:
+        """(the name responses report, the LoRARequest or None) for a request's `model`;
+        404 for a name this server does not serve."""
+        if self.adapters is not None:
+            adapter = self.adapters.resolve(name)
+            return (adapter.name, adapter.request()) if adapter else (self.info.name, None)
         if name is not None and name not in (self.info.name, self.info.path):
             raise APIError(
                 404,
@@ -165,6 +179,47 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
+        return self.info.name, None
+
+    async def preload_adapters(self, engine: Any) -> None:
+        for adapter in self.served_adapters():
+            await engine.add_lora(adapter.request())
+
+    async def load_adapter(self, name: str, path: str) -> ServedAdapter:
+        """Checks the adapter against the base, loads it into the engine, serves it by name."""
+        if self.adapters is None or not self.config.allow_runtime_lora:
+            raise APIError(403, "loading adapters at run time is off on this server (start it with "
+                           "--allow-runtime-lora)", code="runtime_lora_disabled")  # fmt: skip
+        if not self.ready:
+            raise APIError(503, "the model is still loading; retry shortly", code="engine_not_ready",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        try:  # reads the adapter's tensors: off the event loop
+            adapter = await asyncio.to_thread(self.adapters.check, name, path)
+        except ValueError as e:
+            raise adapter_error(e) from None
+        adapter.int_id = self.adapters.reserve_id()
+        try:
+            await self.engine.add_lora(adapter.request())
+        except Exception as e:  # what vLLM's own checks refuse
+            raise APIError(400, f"the engine refused adapter {name!r}: {e}", param="lora_path",
+                           code="invalid_adapter") from None  # fmt: skip
+        try:
+            return self.adapters.register(adapter)
+        except ValueError as e:  # the same name loaded by a concurrent request meanwhile
+            await self.engine.remove_lora(adapter.int_id)
+            raise adapter_error(e) from None
+
+    async def unload_adapter(self, name: str) -> ServedAdapter:
+        if self.adapters is None or not self.config.allow_runtime_lora:
+            raise APIError(403, "unloading adapters at run time is off on this server (start it with "
+                           "--allow-runtime-lora)", code="runtime_lora_disabled")  # fmt: skip
+        adapter = self.adapters.remove(name)
+        if self.engine is not None:
+            await self.engine.remove_lora(adapter.int_id)
+        return adapter
+
+    def served_adapters(self) -> list[ServedAdapter]:
+        return list(self.adapters.by_name.values()) if self.adapters is not None else []
 
     def admit(self) -> Slot:
         """A slot for one request; refused when --max-queue requests are already in flight."""
@@ -272,11 +327,12 @@ class Serving:
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """A response, or (stream=True) an iterator of SSE events. Errors before the first
         event raise APIError; the caller releases `slot` when the response is done."""
-        self.check_model(req.model)
+        model, lora = self.resolve_model(req.model)
         if req.n > self.config.max_n:
             raise bad_request(f"n must be <= {self.config.max_n} on this server", param="n")
         chat = chat_of(req.messages)
         prepared = await self.prepare(chat.turns, [(r.source, r.param) for r in chat.images])
+        prepared.model, prepared.lora = model, lora
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_tokens(req.requested_max_tokens, prepared.prompt_len, param)
         params = sampling(lambda: req.to_sampling_params(max_tokens, stream=req.stream))
@@ -305,7 +361,7 @@ class Serving:
             )
         return ChatCompletionResponse(
             id=request_id,
-            model=self.info.name,
+            model=prepared.model,
             choices=choices,
             usage=usage(_prompt_tokens(final, prepared), completion_tokens),
         )
@@ -325,7 +381,7 @@ class Serving:
             "id": request_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": self.info.name,
+            "model": prepared.model,
         }
         extra = {"usage": None} if include_usage else {}
 
@@ -404,13 +460,14 @@ class Serving:
         one engine request per object is submitted at once, so that the engine batches them
         and they share the image (vLLM's encoder cache and prefix cache hold it under the
         same image hash); the results come back in request order."""
-        self.check_model(req.model)
+        model, lora = self.resolve_model(req.model)
         images, sizes = await self.load_images([(req.image, "image")], bare_base64=True)
         # Every prompt is checked (context length, max_tokens) before any reaches the engine.
         checked = []
         for name in req.targets:
             messages = [{"role": "user", "content": point_question(name)}]
             prepared = await self.prepare_prompt(messages, images, sizes)
+            prepared.model, prepared.lora = model, lora
             requested = (
                 req.max_tokens
                 if req.max_tokens is not None
@@ -430,7 +487,7 @@ class Serving:
             raise
         return PointManyResponse(
             id=random_id("point"),
-            model=self.info.name,
+            model=model,
             results=results,
             usage=usage(
                 sum(r.usage.prompt_tokens for r in results),
@@ -459,7 +516,7 @@ class Serving:
         points = pixel_points(o.text, prepared.sizes[0])
         return PointResponse(
             id=request_id,
-            model=self.info.name,
+            model=prepared.model,
             points=points,
             count=len(points),
             text=o.text,
@@ -479,7 +536,9 @@ class Serving:
 
         async def pump() -> None:
             try:
-                async for out in self.engine.generate(prepared.prompt, params, request_id):
+                async for out in self.engine.generate(
+                    prepared.prompt, params, request_id, lora_request=prepared.lora
+                ):
                     await queue.put(out)
                 await queue.put(_END)
             except asyncio.CancelledError:
