@@ -3,11 +3,12 @@
     molmo bench serve --base-url http://127.0.0.1:8000 --dataset synthetic --num-requests 64 \
         --concurrency 8 --max-tokens 32 --slo ttft_ms=500,e2e_ms=3000 --out bench/
     molmo bench serve --endpoint point --dataset rows.jsonl --sweep rate=0.5,1,2 --duration 60
+    molmo bench serve --model base,pets,tools ...   # request i asks the i % 3-th (LoRA adapters)
     molmo bench compare ours/bench.json vllm/bench.json --out cmp/
 
 Exit codes: 0 done; 1 the server was unreachable, refused the key or went away mid-run, or
-no request succeeded (what was measured is written); 2 bad usage; 130 Ctrl-C (what was
-measured is written).
+no request succeeded (what was measured is written); 2 bad usage, a --model the server does
+not list included; 130 Ctrl-C (what was measured is written).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from molmo_bench.client import RequestConfig
 from molmo_bench.datasets import DatasetError, load_dataset, parse_size
 from molmo_bench.metrics import parse_slo
 from molmo_bench.report import compare, describe_client_machine, summary_table, write_run
-from molmo_bench.runner import BenchError, Load, Runner, RunSettings, ServerGone
+from molmo_bench.runner import (
+    ALL_MODELS,
+    BenchError,
+    Load,
+    Runner,
+    RunSettings,
+    ServerGone,
+    UnknownModel,
+)
 
 
 def _rate(text: str) -> float:
@@ -47,7 +56,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="molmo bench serve", description="Load-test an OpenAI-compatible Molmo endpoint.")
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (without /v1)")
     p.add_argument("--api-key", default=os.environ.get("MOLMO_API_KEY"), help="or MOLMO_API_KEY")
-    p.add_argument("--model", help="model name to send (default: the server's first /v1/models entry)")
+    p.add_argument("--model", help="model name to send (default: the server's first /v1/models entry); "
+                   "a comma-separated mix (base,a,b: request i asks the (i %% 3)-th, at every level) "
+                   f"or '{ALL_MODELS}' (every id the server lists) for a base and its LoRA adapters")  # fmt: skip
     p.add_argument("--endpoint", choices=["chat", "point"], default="chat",
                    help="chat: streamed /v1/chat/completions; point: /v1/point")  # fmt: skip
     p.add_argument("--dataset", default="synthetic", help="synthetic, a folder of images, or FILE.jsonl")
@@ -65,7 +76,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions-per-image", type=_positive, default=1, help="K questions per image (prefix cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", help="goodput SLOs: ttft_ms=..,tpot_ms=..,e2e_ms=..")
-    p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out (default 1)")
+    p.add_argument("--warmup", type=int,
+                   help="requests sent first and left out (default: 1 per model of the mix, so 1 for one)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--out", default="bench-results", help="output folder")
     p.add_argument("--name", default="bench", help="file name stem of the outputs")
@@ -96,14 +108,32 @@ def loads_of(a: argparse.Namespace, p: argparse.ArgumentParser) -> list[Load]:
     raise AssertionError  # p.error exits
 
 
+def model_names(text: str | None) -> list[str]:
+    """--model 'base,a,b' -> ["base", "a", "b"]; ValueError for an empty name or a mixed 'all'."""
+    if text is None:
+        return []
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--model: an empty name in {text!r}")
+    if ALL_MODELS in names and len(names) > 1:
+        raise ValueError(f"--model: {ALL_MODELS!r} (every id the server lists) stands alone, got {text!r}")
+    return names
+
+
 def _result(a: argparse.Namespace, runner: Runner, slo: dict[str, float], status: str, message: str | None, machine: dict[str, Any]) -> dict[str, Any]:
     now = runner.clock()
+    mixed = list(dict.fromkeys(runner.mix)) if len(set(runner.mix)) > 1 else []
     levels = []
     for lv in runner.levels:
         load = {"label": lv.load.label(), "rate": lv.load.rate, "concurrency": lv.load.concurrency}
-        levels.append({"load": load, "stopped": lv.stopped, "metrics": lv.metrics(slo, now).as_dict(),
-                       "requests": [r.as_dict() for r in sorted(lv.records, key=lambda r: r.index)]})  # fmt: skip
+        level = {"load": load, "stopped": lv.stopped, "metrics": lv.metrics(slo, now).as_dict()}
+        if mixed:  # the breakdown of a mix: each model's requests, over the level's duration
+            level["by_model"] = {name: m.as_dict() for name, m in lv.by_model(slo, now, mixed).items()}
+        level["requests"] = [r.as_dict() for r in sorted(lv.records, key=lambda r: r.index)]
+        levels.append(level)
     settings = {k: v for k, v in vars(a).items() if k not in ("api_key", "no_progress")}
+    settings["warmup"] = runner.warmup  # resolved: one per model of the mix unless given
+    settings["model_mix"] = runner.mix  # request i asked model_mix[i % len]
     settings["request_rate"] = None if a.request_rate is None else (str(a.request_rate) if math.isinf(a.request_rate) else a.request_rate)
     return {"benchmark": "molmo bench serve", "status": status, "message": message,
             "settings": settings, "server": {"base_url": a.base_url, "models": runner.models},
@@ -118,10 +148,11 @@ def serve(argv: list[str]) -> int:
         slo = parse_slo(a.slo)
         if a.duration is not None and a.duration <= 0:
             raise ValueError("--duration must be > 0")
-        if a.warmup < 0:
+        if a.warmup is not None and a.warmup < 0:
             raise ValueError("--warmup must be >= 0")
         if a.num_requests is None and a.duration is None:
             a.num_requests = 64
+        models = model_names(a.model)
         loads = loads_of(a, p)
         k = a.questions_per_image
         n_images = math.ceil(a.num_requests / k) if a.num_requests else 64
@@ -138,8 +169,8 @@ def serve(argv: list[str]) -> int:
         p.error(str(e))
     cache = {0: first}
     settings = RunSettings(
-        a.base_url, a.api_key, RequestConfig(a.endpoint, a.model, a.max_tokens, ignore_eos=a.ignore_eos),
-        a.num_requests, a.duration, a.burstiness, a.warmup, a.seed, a.timeout, not a.no_progress,
+        a.base_url, a.api_key, RequestConfig(a.endpoint, None, a.max_tokens, ignore_eos=a.ignore_eos),
+        a.num_requests, a.duration, a.burstiness, a.warmup, a.seed, a.timeout, not a.no_progress, models,
     )  # fmt: skip
 
     def samples_at(level: int) -> list:
@@ -157,6 +188,8 @@ def serve(argv: list[str]) -> int:
         status, message, code = "interrupted", "stopped by Ctrl-C: the results hold what was measured", 130
     except ServerGone as e:
         status, message, code = "server_gone", str(e), 1
+    except UnknownModel as e:  # bad usage, known only once the server answered
+        status, message, code = "failed", str(e), 2
     except BenchError as e:
         status, message, code = "failed", str(e), 1
     result = _result(a, runner, slo, status, message, machine)

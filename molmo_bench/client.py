@@ -30,7 +30,7 @@ class RequestConfig:
     """What every request of a run asks for."""
 
     endpoint: str = "chat"  # "chat" (streamed chat completions) or "point" (/v1/point)
-    model: str | None = None  # None: the server's first /v1/models entry (set by the runner)
+    model: str | None = None  # None: no `model` sent (the runner sets each request's from its mix)
     max_tokens: int = 32
     temperature: float = 0.0
     ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
@@ -152,7 +152,7 @@ async def send(
     clock: Clock = time.perf_counter,
 ) -> RequestRecord:
     """Sends `sample`, returns its record (never raises for HTTP or network errors)."""
-    rec = RequestRecord(index, sample.image_id, sample.first_of_image, sample.task, clock() - run_start)
+    rec = RequestRecord(index, sample.image_id, sample.first_of_image, sample.task, clock() - run_start, model=cfg.model)
     try:
         if cfg.endpoint == "point":
             await _point(http, sample, cfg, rec, clock)

@@ -16,6 +16,9 @@ Definitions follow `vllm bench serve` (vllm/benchmarks/serve.py), with TTFT mean
 - Percentiles: numpy's linear interpolation, as vLLM; all times reported in milliseconds.
 - Pointing quality, where a sample carries truth: F1 of the answer's points against the true
   boxes and counting accuracy, scored by molmo_model.points as `molmo eval` scores them.
+- Per model (a run that mixes model names: a base and its LoRA adapters): the same metrics
+  over each model's requests, with the level's duration, so that the models' throughputs add
+  up to the level's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class RequestRecord:
     first_of_image: bool = True
     task: str | None = None
     start: float = 0.0  # when it was sent
+    model: str | None = None  # the `model` it asked for (None: none sent, the server's default)
     ok: bool = False
     status: int | None = None  # HTTP status; None when no response came (connection error)
     error: str | None = None
@@ -186,3 +190,11 @@ def compute_metrics(
         counting_accuracy=float(np.mean(counted)) if counted else None,
         counting_queries=len(counted),
     )
+
+
+def compute_by_model(
+    records: list[RequestRecord], duration_s: float, models: list[str], slo: dict[str, float] | None = None
+) -> dict[str, BenchmarkMetrics]:
+    """`compute_metrics` over each model's requests, in the order of `models`, each over the
+    whole level's `duration_s` (the models share it: their throughputs add up)."""
+    return {name: compute_metrics([r for r in records if r.model == name], duration_s, slo) for name in models}

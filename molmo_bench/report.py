@@ -1,10 +1,12 @@
 """What a run writes, and `compare`: JSON, CSV, PNG plots and one self-contained HTML page.
 
     OUT/bench.json          settings, the server's /v1/models, the machine, the status, and per
-                            load level the summary (`BenchmarkMetrics`) and every request's record
-                            (so any metric can be recomputed: `metrics.compute_metrics`)
-    OUT/bench.csv           one line per request (with its load level)
+                            load level the summary (`BenchmarkMetrics`), with a mix of models
+                            each model's too (`by_model`), and every request's record (so any
+                            metric can be recomputed: `metrics.compute_metrics`)
+    OUT/bench.csv           one line per request (with its load level and model)
     OUT/bench_summary.csv   one line per load level
+    OUT/bench_by_model.csv  with a mix of models: one line per load level and model
     OUT/bench.png           latency CDFs (TTFT, ITL, E2E) per level; with a sweep, throughput
                             and p99 TTFT against the load
     OUT/bench.html          the table and the plots in one file (images inlined)
@@ -51,6 +53,9 @@ ROWS = [
     ("pointing F1", "pointing_f1", None),
     ("counting accuracy", "counting_accuracy", None),
 ]
+# the per-model table and CSV of a run that mixes models (one row per level and model)
+MODEL_COLUMNS = ["level", "model", "requests", "ok", "output tok/s", "TTFT median (ms)",
+                 "TPOT median (ms)", "E2E median (ms)"]  # fmt: skip
 
 
 def describe_client_machine() -> dict[str, Any]:
@@ -105,9 +110,25 @@ def grid(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
+def by_model_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """MODEL_COLUMNS' values per level and model; none for a run of one model."""
+    rows = []
+    for lv in result["levels"]:
+        for name, m in (lv.get("by_model") or {}).items():
+            rows.append([lv["load"]["label"], name, m["completed"] + m["failed"], m["completed"],
+                         value(m, "output_throughput", None), value(m, "ttft_ms", "median"),
+                         value(m, "tpot_ms", "median"), value(m, "e2e_ms", "median")])  # fmt: skip
+    return rows
+
+
 def summary_table(result: dict[str, Any]) -> str:
+    """The metrics per level; with a mix of models, each model's beside (a second table)."""
     levels = result["levels"]
-    return table([lv["load"]["label"] for lv in levels], [lv["metrics"] for lv in levels])
+    text = table([lv["load"]["label"] for lv in levels], [lv["metrics"] for lv in levels])
+    if rows := by_model_rows(result):
+        per_model = grid(MODEL_COLUMNS, [[_fmt(v) for v in r] for r in rows])
+        text += f"\n\nper model (output tok/s: its tokens over the level's duration)\n{per_model}"
+    return text
 
 
 # ---------------------------------------------------------------- plots
@@ -195,6 +216,10 @@ def write_run(result: dict[str, Any], out_dir: Path, name: str = "bench") -> lis
         w.writerow(["level", *(label for label, _, _ in ROWS)])
         for lv in result["levels"]:
             w.writerow([lv["load"]["label"], *(value(lv["metrics"], k, s) for _, k, s in ROWS)])
+    if rows := by_model_rows(result):
+        paths.append(out_dir / f"{name}_by_model.csv")
+        with paths[-1].open("w", newline="") as f:
+            csv.writer(f).writerows([MODEL_COLUMNS, *rows])
     if result["levels"]:
         fig = figure(result)
         png = _png(fig)

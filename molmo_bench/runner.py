@@ -4,6 +4,10 @@
 finish), so a caller that catches Ctrl-C or an error still holds every measured request and
 can write them. A level stops early when the server is gone: `GONE_AFTER` connection
 failures in a row (the rest would only measure refused connections).
+
+A run may mix model names (a base and its LoRA adapters): request i of every level asks
+`mix[i % len(mix)]`, so each level gets the same mix whatever its load. The names are checked
+against the server's /v1/models before anything is sent (`model_mix`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -19,9 +23,10 @@ import httpx
 from molmo_bench.client import RequestConfig, send
 from molmo_bench.datasets import Sample
 from molmo_bench.generator import drive
-from molmo_bench.metrics import BenchmarkMetrics, RequestRecord, compute_metrics
+from molmo_bench.metrics import BenchmarkMetrics, RequestRecord, compute_by_model, compute_metrics
 
 GONE_AFTER = 3  # connection failures in a row that mean the server is gone
+ALL_MODELS = "all"  # a mix of every id the server's /v1/models lists
 
 
 class BenchError(Exception):
@@ -30,6 +35,26 @@ class BenchError(Exception):
 
 class ServerGone(BenchError):
     pass
+
+
+class UnknownModel(BenchError):
+    """A model name the server does not list: bad usage, found out from the server."""
+
+
+def model_mix(asked: list[str], listed: list[str], url: str) -> list[str | None]:
+    """The names request i picks from (i % len): `asked` checked against the server's ids;
+    ["all"]: every listed id; []: the first listed (None, no name sent, if it lists none)."""
+    if asked == [ALL_MODELS]:
+        if not listed:
+            raise UnknownModel(f"--model {ALL_MODELS}: the server at {url} lists no models")
+        return list(listed)
+    if not asked:
+        return listed[:1] or [None]
+    unknown = [name for name in dict.fromkeys(asked) if name not in listed]
+    if unknown:
+        served = ", ".join(repr(n) for n in listed) or "nothing (an empty /v1/models)"
+        raise UnknownModel(f"--model: {', '.join(repr(n) for n in unknown)} not served by {url}; it serves {served}")
+    return list(asked)
 
 
 @dataclass
@@ -57,10 +82,16 @@ class Level:
     ended: float | None = None  # clock when the last one finished (or the run stopped)
     stopped: str | None = None  # why it ended early, if it did
 
-    def metrics(self, slo: dict[str, float], now: float) -> BenchmarkMetrics:
+    def duration(self, now: float) -> float:
         end = self.ended if self.ended is not None else now
-        duration = end - self.started if self.started is not None else 0.0
-        return compute_metrics(sorted(self.records, key=lambda r: r.index), duration, slo)
+        return end - self.started if self.started is not None else 0.0
+
+    def metrics(self, slo: dict[str, float], now: float) -> BenchmarkMetrics:
+        return compute_metrics(sorted(self.records, key=lambda r: r.index), self.duration(now), slo)
+
+    def by_model(self, slo: dict[str, float], now: float, models: list[str]) -> dict[str, BenchmarkMetrics]:
+        """The metrics of each model's requests (over the level's duration), in `models` order."""
+        return compute_by_model(sorted(self.records, key=lambda r: r.index), self.duration(now), models, slo)
 
 
 @dataclass
@@ -71,10 +102,13 @@ class RunSettings:
     num_requests: int | None = 64
     duration: float | None = None
     burstiness: float = 1.0
-    warmup: int = 1
+    warmup: int | None = None  # requests sent first and left out; None: one per name of the mix
     seed: int = 0
     timeout: float = 600.0
     progress: bool = True
+    # Names sent round-robin by request index ([]: request.model, else the server's first
+    # listed id; ["all"]: every listed id); each must be one the server lists.
+    models: list[str] = field(default_factory=list)
 
 
 class Runner:
@@ -89,7 +123,9 @@ class Runner:
         self.settings, self.loads, self.samples_for = settings, loads, samples_for
         self.warmup_samples, self.clock = warmup_samples, clock
         self.levels: list[Level] = []
-        self.models: list[dict[str, Any]] = []
+        self.models: list[dict[str, Any]] = []  # the server's /v1/models entries
+        self.mix: list[str | None] = []  # request i asks mix[i % len(mix)] (set by probe)
+        self.warmup: int | None = settings.warmup  # resolved by probe when None
 
     def _http(self) -> httpx.AsyncClient:
         s = self.settings
@@ -100,7 +136,8 @@ class Runner:
         )
 
     async def probe(self, http: httpx.AsyncClient) -> None:
-        """/v1/models answers with our key: else a BenchError saying what is wrong."""
+        """/v1/models answers with our key and lists the names asked for: else a BenchError
+        saying what is wrong (UnknownModel for a name it does not list)."""
         url = self.settings.base_url
         try:
             r = await http.get("/v1/models", timeout=30)
@@ -117,13 +154,20 @@ class Runner:
             self.models = list(r.json()["data"])
         except (ValueError, KeyError, TypeError):
             raise BenchError(f"GET {url}/v1/models: not an OpenAI model list") from None
-        if self.settings.request.model is None and self.models:
-            self.settings.request.model = self.models[0].get("id")
+        s = self.settings
+        asked = s.models or ([s.request.model] if s.request.model else [])
+        self.mix = model_mix(asked, [m.get("id") for m in self.models], url)
+        if self.warmup is None:  # one per name: an adapter's first request loads it
+            self.warmup = len(self.mix)
+
+    def request_for(self, i: int) -> RequestConfig:
+        """Request i's settings: the run's, asking the mix's model i % len(mix)."""
+        return replace(self.settings.request, model=self.mix[i % len(self.mix)])
 
     async def _warmup(self, http: httpx.AsyncClient) -> None:
-        for i in range(self.settings.warmup):
+        for i in range(self.warmup or 0):
             sample = self.warmup_samples[i % len(self.warmup_samples)]
-            rec = await send(http, sample, self.settings.request, -1 - i, self.clock(), self.clock)
+            rec = await send(http, sample, self.request_for(i), -1 - i, self.clock(), self.clock)
             if rec.status is None:
                 raise ServerGone(f"warm-up request failed: {rec.error}")
             if rec.status in (401, 403):
@@ -136,7 +180,7 @@ class Runner:
 
         async def fire(i: int) -> RequestRecord:
             nonlocal failures, failed
-            rec = await send(http, samples[i % len(samples)], s.request, i, level.started, self.clock)
+            rec = await send(http, samples[i % len(samples)], self.request_for(i), i, level.started, self.clock)
             failures = failures + 1 if rec.status is None else 0
             failed += not rec.ok
             if failures >= GONE_AFTER:

@@ -1,7 +1,8 @@
 """A scripted OpenAI-style server for the load benchmark's tests (not a test module).
 
-A tiny asyncio HTTP/1.1 server: GET /v1/models, POST /v1/chat/completions (SSE) and
-POST /v1/point answer from a script, `script(i, body) -> Reply` for the i-th request. An SSE
+A tiny asyncio HTTP/1.1 server: GET /v1/models (the ids `models`: "scripted" unless given),
+POST /v1/chat/completions (SSE) and POST /v1/point answer from a script,
+`script(i, body) -> Reply` for the i-th request. An SSE
 reply lists (offset seconds, event) pairs; an event is a dict (sent as JSON) or "[DONE]".
 
 Two clocks:
@@ -58,8 +59,8 @@ def error(status: int, message: str) -> Reply:
 
 class ScriptedServer:
     def __init__(self, script: Callable[[int, dict], Reply], clock: FakeClock | None = None,
-                 api_key: str | None = None) -> None:  # fmt: skip
-        self.script, self.clock, self.api_key = script, clock, api_key
+                 api_key: str | None = None, models: tuple[str, ...] = ("scripted",)) -> None:  # fmt: skip
+        self.script, self.clock, self.api_key, self.models = script, clock, api_key, models
         self.requests: list[dict] = []  # bodies received (models probes excluded)
         self.got_request = threading.Event()
         self.server: asyncio.base_events.Server | None = None
@@ -112,7 +113,7 @@ class ScriptedServer:
                 await self._send(writer, 401, json.dumps(r.json_body).encode(), "application/json")
                 return
             if path == "/v1/models":
-                models = {"object": "list", "data": [{"id": "scripted", "object": "model"}]}
+                models = {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
                 await self._send(writer, 200, json.dumps(models).encode(), "application/json")
                 return
             req = json.loads(body or b"{}")
@@ -142,9 +143,10 @@ class ScriptedServer:
 
 
 @contextlib.contextmanager
-def in_thread(script: Callable[[int, dict], Reply], api_key: str | None = None) -> Iterator[ScriptedServer]:
+def in_thread(script: Callable[[int, dict], Reply], api_key: str | None = None,
+              models: tuple[str, ...] = ("scripted",)) -> Iterator[ScriptedServer]:  # fmt: skip
     """The server on its own event loop in a thread, in real time."""
-    server = ScriptedServer(script, None, api_key)
+    server = ScriptedServer(script, None, api_key, models)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 

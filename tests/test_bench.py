@@ -103,6 +103,58 @@ def test_every_metric_is_exact_against_a_scripted_server() -> None:
     assert (m.counting_accuracy, m.counting_queries) == (0.0, 1)
 
 
+def by_model_reply(i: int, body: dict) -> Reply:
+    """base: TTFT 0.25 s, E2E 0.5 s, 2 tokens; a: 0.5 s, 1 s, 3 tokens; b: 0.125 s, 0.25 s,
+    1 token, except the 6th request (the level's 3rd after 3 warm-ups): a 503."""
+    model = body["model"]
+    if model == "base":
+        return Reply([(0.25, chunk("x", role=True)), (0.5, chunk("y")), (0.5, usage(10, 2)), (0.5, "[DONE]")])
+    if model == "a":
+        return Reply([(0.5, chunk("x", role=True)), (0.75, chunk("y")), (1.0, chunk("z")),
+                      (1.0, usage(10, 3)), (1.0, "[DONE]")])  # fmt: skip
+    if i == 5:
+        return error(503, "overloaded")
+    return Reply([(0.125, chunk("x", role=True)), (0.25, usage(10, 1)), (0.25, "[DONE]")])
+
+
+def test_a_mix_of_models_is_round_robin_and_each_models_metrics_are_exact() -> None:
+    clock = FakeClock()
+    server = ScriptedServer(by_model_reply, clock, models=("base", "a", "b"))
+    settings = RunSettings("", None, RequestConfig(max_tokens=8), num_requests=6, progress=False,
+                           models=["base", "a", "b"])  # fmt: skip
+    runner = Runner(settings, [Load(concurrency=1)], lambda n: [sample("point")], [sample("point")], clock=clock)
+
+    async def go() -> None:
+        await server.start()
+        runner.settings.base_url = server.url
+        await runner.run()
+        await server.stop()
+
+    asyncio.run(go())
+    # One warm-up per model (an adapter's first request loads it), then request i asks mix[i % 3].
+    assert runner.warmup == 3 and runner.mix == ["base", "a", "b"]
+    assert [b["model"] for b in server.requests] == ["base", "a", "b"] * 3
+    level = runner.levels[0]
+    recs = sorted(level.records, key=lambda r: r.index)
+    assert [r.model for r in recs] == ["base", "a", "b"] * 2
+    assert [r.ok for r in recs] == [True, True, False, True, True, True]
+
+    dur = 2 * 0.5 + 2 * 1.0 + 0.25  # the 503 took no time
+    m = level.metrics({}, 0.0)
+    assert m.duration_s == pytest.approx(dur) and m.total_output_tokens == 11
+    by = level.by_model({}, 0.0, ["base", "a", "b"])
+    assert list(by) == ["base", "a", "b"]
+    base, a, b = by["base"], by["a"], by["b"]
+    assert (base.completed, base.failed, base.total_output_tokens) == (2, 0, 4)
+    assert (a.completed, a.failed, a.total_output_tokens) == (2, 0, 6)
+    assert (b.completed, b.failed, b.errors_by_status, b.total_output_tokens) == (1, 1, {"503": 1}, 1)
+    assert base.output_throughput == pytest.approx(4 / dur) and a.output_throughput == pytest.approx(6 / dur)
+    assert sum(x.output_throughput for x in by.values()) == pytest.approx(m.output_throughput)
+    assert (base.ttft_ms.median, base.e2e_ms.median, base.tpot_ms.median) == (250.0, 500.0, 250.0)
+    assert (a.ttft_ms.median, a.e2e_ms.median, a.tpot_ms.median) == (500.0, 1000.0, 250.0)
+    assert (b.ttft_ms.median, b.e2e_ms.median, b.tpot_ms.count) == (125.0, 250.0, 0)
+
+
 def test_metrics_of_no_success_and_slo_parsing() -> None:
     m = compute_metrics([], 0.0)
     assert m.completed == 0 and m.request_throughput == 0.0 and np.isnan(m.ttft_ms.median)
@@ -197,12 +249,56 @@ def test_cli_sweep_writes_every_output_and_compare_reads_them(tmp_path: Path, ca
     assert len((out / "bench_summary.csv").read_text().splitlines()) == 1 + 2
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (out / "bench.html").read_text()
-    assert "TTFT median (ms)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TTFT median (ms)" in printed
+    # One model: no per-model breakdown anywhere.
+    assert "per model" not in printed and not (out / "bench_by_model.csv").exists()
+    assert all("by_model" not in lv for lv in run["levels"]) and run["settings"]["model_mix"] == ["scripted"]
 
     assert molmo(["bench", "compare", str(out / "bench.json"), str(out / "bench.json"), "--out", str(tmp_path / "cmp")]) == 0
     text = capsys.readouterr().out
     assert "B/A" in text and "level 1: A concurrency=3" in text
     assert (tmp_path / "cmp" / "compare.png").exists()
+
+
+def test_cli_mix_of_models_sends_the_same_mix_at_every_level_and_breaks_it_down(tmp_path: Path, capsys) -> None:
+    def reply(i: int, body: dict) -> Reply:
+        n = 3 if body["model"] == "a" else 2  # a's answers are a token longer
+        return Reply([(0.002, chunk("a", role=True)), (0.004, chunk(" b")), (0.004, usage(10, n)), (0.005, "[DONE]")])
+
+    with in_thread(reply, models=("base", "a", "b")) as server:
+        code, run = bench(tmp_path, server.url, "--model", "base,a,b", "--num-requests", "5",
+                          "--sweep", "concurrency=1,3")  # fmt: skip
+        sent = [b["model"] for b in server.requests]
+    assert code == 0 and run["settings"]["model_mix"] == ["base", "a", "b"] and run["settings"]["warmup"] == 3
+    assert sent[:3 + 5] == ["base", "a", "b"] + ["base", "a", "b", "base", "a"]  # warm-ups, then concurrency 1
+    assert sorted(sent[8:]) == sorted(["base", "a", "b", "base", "a"])  # concurrency 3: any order
+    for lv in run["levels"]:
+        assert [r["model"] for r in lv["requests"]] == ["base", "a", "b", "base", "a"]
+        by, m = lv["by_model"], lv["metrics"]
+        assert list(by) == ["base", "a", "b"] and [by[k]["completed"] for k in by] == [2, 2, 1]
+        assert [by[k]["total_output_tokens"] for k in by] == [4, 6, 2]
+        assert sum(x["output_throughput"] for x in by.values()) == pytest.approx(m["output_throughput"])
+        assert by["a"]["output_throughput"] == pytest.approx(6 / m["duration_s"])
+    csv_rows = (tmp_path / "out" / "bench_by_model.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("level,model,requests,ok,output tok/s") and len(csv_rows) == 1 + 6
+    assert csv_rows[2].startswith("concurrency=1,a,2,2,")
+    printed = capsys.readouterr().out
+    assert "per model" in printed and "E2E median (ms)" in printed
+
+    with in_thread(reply, models=("base", "a")) as server:
+        code, run = bench(tmp_path, server.url, "--model", "all", "--num-requests", "3", "--warmup", "0")
+        assert [b["model"] for b in server.requests] == ["base", "a", "base"]
+    assert code == 0 and list(run["levels"][0]["by_model"]) == ["base", "a"]
+
+
+def test_cli_a_model_the_server_does_not_list_exits_2_before_any_request(tmp_path: Path, capsys) -> None:
+    with in_thread(streamed, models=("base", "a")) as server:
+        code, run = bench(tmp_path, server.url, "--model", "base,nope,a,gone")
+        assert server.requests == []
+    err = capsys.readouterr().err
+    assert code == 2 and run["status"] == "failed" and run["levels"] == []
+    assert "'nope', 'gone' not served by" in err and "it serves 'base', 'a'" in err
 
 
 def test_cli_point_endpoint_scores_quality_under_load(tmp_path: Path) -> None:
@@ -253,6 +349,8 @@ def test_cli_unreachable_and_refused_key(tmp_path: Path, capsys) -> None:
         (["--dataset", "/no/such"], "neither 'synthetic', a folder nor a JSONL file"),
         (["--sweep", "rate=-1"], "--sweep: expected"),
         (["--concurrency", "0"], "must be >= 1"),
+        (["--model", "all,a"], "'all' (every id the server lists) stands alone"),
+        (["--model", "base,,a"], "--model: an empty name"),
     ],
 )
 def test_bad_usage_exits_2_with_a_message_and_no_traceback(args: list[str], message: str) -> None:
