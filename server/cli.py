@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.config import EXECUTOR_BACKENDS, ServerConfig
+from server.config import EXECUTOR_BACKENDS, STRUCTURED_OUTPUTS_BACKENDS, ServerConfig
 from server.engine import check_parallel
 
 DEFAULT_PRESET = "tiny"
@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float)
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--disable-log-stats", action="store_true")
+    e.add_argument("--structured-outputs-backend", default=d.structured_outputs_backend,
+                   choices=STRUCTURED_OUTPUTS_BACKENDS,
+                   help="vLLM's backend for response_format / structured_outputs")
+    e.add_argument("--structured-outputs-disable-any-whitespace", action="store_true",
+                   help="JSON answers without free whitespace (a weak model may otherwise pad "
+                   "them with newlines up to max_tokens)")
     s = p.add_argument_group("scale-out (vLLM's parallelism; README: Scaling)")
     for name, short, text in (
         ("tensor_parallel_size", "-tp", "devices each layer is split over (CPU: cores, with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")  # vLLM's
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "guidance", "outlines")  # vLLM's
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank takes
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -47,6 +48,8 @@ class ServerConfig:
     gpu_memory_utilization: float | None = None
     seed: int = 0
     disable_log_stats: bool = False
+    structured_outputs_backend: str = "auto"  # vLLM's: auto, xgrammar, guidance, outlines
+    structured_outputs_disable_any_whitespace: bool = False  # JSON answers without free whitespace
 
     # Scale-out: vLLM's own parallelism, passed through (README, "Scaling").
     tensor_parallel_size: int = 1  # split each layer over this many devices (CPU: cores)
@@ -137,5 +140,14 @@ class ServerConfig:
             # Loading an adapter reads a folder on this machine: not for anyone on the network.
             raise ValueError("allow_runtime_lora on a non-loopback host needs an api_key "
                              "(--api-key or MOLMO_API_KEY)")  # fmt: skip
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, "
+                             f"got {self.structured_outputs_backend!r}")  # fmt: skip
+        if self.structured_outputs_disable_any_whitespace:
+            if self.structured_outputs_backend == "outlines":
+                raise ValueError("structured_outputs_disable_any_whitespace needs the xgrammar or guidance "
+                                 "backend, not outlines")  # fmt: skip
+            if self.structured_outputs_backend == "auto":
+                self.structured_outputs_backend = "xgrammar"  # vLLM allows the option with a named backend only
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")

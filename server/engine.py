@@ -56,6 +56,10 @@ def engine_args(config: ServerConfig) -> Any:
         "seed": config.seed,
         "limit_mm_per_prompt": {"image": config.max_images},
         "disable_log_stats": config.disable_log_stats,
+        "structured_outputs_config": {
+            "backend": config.structured_outputs_backend,
+            "disable_any_whitespace": config.structured_outputs_disable_any_whitespace,
+        },
     }
     if config.served_model_name:
         kwargs["served_model_name"] = config.served_model_name

@@ -27,7 +27,95 @@ _SMALL_PNG = (
 MAX_STOP_CHARS = 256  # characters of one stop string
 # OpenAI parameters this server does not implement: a request that uses them gets a 400
 # naming them instead of an answer that silently ignores them.
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
+MAX_CHOICES = 256  # strings of one structured_outputs.choice
+
+
+def check_json_schema(schema: Any, where: str) -> None:
+    """ValueError naming `where` when `schema` is not a valid JSON schema (by its own draft)."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: a JSON schema must be an object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = "/".join(str(p) for p in e.absolute_path)
+        raise ValueError(f"{where}: not a valid JSON schema ({e.message}{f' at {path}' if path else ''})") from None
+
+
+def check_grammar(grammar: str) -> None:
+    """ValueError when xgrammar (vLLM's default backend) cannot parse the EBNF `grammar`;
+    vLLM itself would fail the request with a RuntimeError (a 500) further in."""
+    try:
+        import xgrammar
+    except ImportError:  # pragma: no cover - installed with vLLM
+        return
+    try:
+        xgrammar.Grammar.from_ebnf(grammar)
+    except Exception as e:  # xgrammar raises RuntimeError for syntax errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"structured_outputs: grammar does not parse ({first[:300]})") from None
+
+
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise ValueError("response_format: type json_schema needs json_schema.schema")
+            check_json_schema(self.json_schema.json_schema, "response_format")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extra: exactly one of json, regex, choice, grammar,
+    json_object constrains the answer (vLLM's structured-output backend enforces it). Whether
+    JSON may hold free whitespace is the server's setting (vLLM 0.32 reads it per engine, not
+    per request): `molmo serve --structured-outputs-disable-any-whitespace`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=16_384)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    grammar: str | None = Field(None, min_length=1, max_length=65_536)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StructuredOutputs:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if k == "json" else k) not in (None, False)]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: give exactly one of json, regex, choice, grammar, "
+                             f"json_object (got {', '.join(given) or 'none'})")  # fmt: skip
+        if self.json_ is not None:
+            check_json_schema(self.json_, "structured_outputs")
+        if self.regex is not None:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"structured_outputs: regex does not compile ({e})") from None
+        if self.grammar is not None:
+            check_grammar(self.grammar)
+        return self
 
 
 class _Request(BaseModel):
@@ -130,8 +218,10 @@ class ChatCompletionRequest(_Request):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=1024, description="token id (as a string) -> bias added to its logit"
     )
+    # Structured outputs (vLLM's backend: xgrammar / guidance), OpenAI's and vLLM's way.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Not implemented (see UNSUPPORTED); declared so that a use of them is refused.
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -153,7 +243,6 @@ class ChatCompletionRequest(_Request):
             for name in UNSUPPORTED
             if getattr(self, name) not in (None, [], {})
             and not (name == "tool_choice" and getattr(self, name) == "none")
-            and not (name == "response_format" and getattr(self, name) == {"type": "text"})
         ]
         if used:
             raise ValueError(
@@ -167,7 +256,25 @@ class ChatCompletionRequest(_Request):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+        formats = self.response_format is not None and self.response_format.type != "text"
+        if formats and self.structured_outputs is not None:
+            raise ValueError("structured_outputs: give the constraint in response_format or in "
+                             "structured_outputs, not both")  # fmt: skip
         return self
+
+    def structured_outputs_params(self) -> Any:
+        """vLLM's StructuredOutputsParams for this request, or None (free text)."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        so, rf = self.structured_outputs, self.response_format
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf is not None and rf.type == "json_schema":
+            return StructuredOutputsParams(json=rf.json_schema.json_schema)
+        if so is None:
+            return None
+        return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                       json_object=so.json_object or None)  # fmt: skip
 
     @property
     def stop_list(self) -> list[str]:
@@ -208,6 +315,7 @@ class ChatCompletionRequest(_Request):
             "logit_bias": {int(t): b for t, b in self.logit_bias.items()}
             if self.logit_bias
             else None,
+            "structured_outputs": self.structured_outputs_params(),
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return SamplingParams(**kwargs)

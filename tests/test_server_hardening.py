@@ -359,7 +359,9 @@ def test_strict_types_and_unsupported_parameters_are_400(tiny_checkpoint: Path) 
         ({"messages": hi, "max_tokens": "5"}, "max_tokens"),
         ({"messages": hi, "temperature": "0.5"}, "temperature"),
         ({"messages": hi, "logprobs": 1}, "logprobs"),
-        ({"messages": hi, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": hi, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {"type": "objekt"}}}}, "response_format"),
+        ({"messages": hi, "structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": hi, "tool_choice": "auto"}, "tool_choice"),
         ({"messages": hi, "logit_bias": {"hello": 1}}, "logit_bias"),
@@ -496,7 +498,9 @@ def bad_json_bodies() -> list[tuple[str, dict]]:
         "stop empty": {"messages": hi, "stop": [""]},
         "stop long": {"messages": hi, "stop": "x" * 10_000},
         "stream_options alone": {"messages": hi, "stream_options": {"include_usage": True}},
-        "response_format json": {"messages": hi, "response_format": {"type": "json_object"}},
+        "response_format xml": {"messages": hi, "response_format": {"type": "xml"}},
+        "structured_outputs two": {"messages": hi, "structured_outputs": {"regex": "a", "choice": ["b"]}},
+        "structured_outputs bad regex": {"messages": hi, "structured_outputs": {"regex": "a(+"}},
         "response_format schema": {
             "messages": hi,
             "response_format": {"type": "json_schema", "json_schema": {"name": "p"}},
