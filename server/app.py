@@ -4,7 +4,8 @@
     app = create_app(config, engine_factory=None)        # no engine: /health stays 503
 
 Routes: POST /v1/chat/completions, POST /v1/point, GET /v1/models, GET /health (200 once
-the engine is ready, 503 before), GET /metrics (Prometheus).
+the engine is ready, 503 before), GET /metrics (Prometheus); GET / is the playground page
+(server/playground.py; off with --no-ui).
 
 The gate (outermost, pure ASGI) counts every request by route and status, checks the API
 key on /v1/*, and enforces the body limit: a Content-Length over it, or a streamed body
@@ -40,6 +41,7 @@ from server.config import ServerConfig
 from server.engine import ModelInfo, build_engine
 from server.errors import APIError
 from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.playground import playground_router
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -246,6 +248,9 @@ def create_app(
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    if config.ui:
+        app.include_router(playground_router())
 
     app.add_middleware(
         Gate,

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MOLMO_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (env MOLMO_API_KEY)",
     )
+    p.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        help="no playground page at / (the page only calls /v1/*, with the user's key)",
+    )
     g = p.add_argument_group("request limits")
     g.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     g.add_argument(

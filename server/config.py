@@ -38,6 +38,7 @@ class ServerConfig:
     header_read_timeout: float = 30.0  # seconds to receive a request's headers (then 408)
     body_read_timeout: float = 30.0  # seconds to receive a request's whole body (then 408)
     max_connections: int = 1024  # open HTTP connections; more get 503
+    ui: bool = True  # the playground page at / (it calls /v1/* like any client, key included)
 
     # Engine (vLLM) settings.
     max_model_len: int | None = None  # context length; default: the model's
