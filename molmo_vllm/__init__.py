@@ -4,7 +4,7 @@
     molmo_vllm/config.py     config.json <-> transformers config (no remote code)
     molmo_vllm/processor.py  images -> crops and the prompt's image tokens, for vLLM
     molmo_vllm/model.py      the vLLM model: molmo_model's vision backbone + a paged decoder
-    molmo_vllm/cpu_lora.py   a fix for vLLM 0.32's CPU LoRA ops (base rows in mixed batches)
+    molmo_vllm/cpu_fixes.py   fixes for vLLM 0.32's CPU backend (LoRA mixed batches, eager PP)
     molmo_vllm/prompt.py     OpenAI-style messages and images -> the engine prompt (the one
                              prompt builder: the server, `molmo eval`, benchmarks and tests)
 
@@ -61,7 +61,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    from molmo_vllm import cpu_lora
+    from molmo_vllm import cpu_fixes
 
-    cpu_lora.patch()  # vLLM 0.32's CPU LoRA ops give base rows an adapter (cpu_lora.py)
+    cpu_fixes.patch()  # vLLM 0.32's CPU backend: LoRA in mixed batches, eager PP (cpu_fixes.py)
     _registered = True

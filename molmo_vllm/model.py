@@ -22,7 +22,13 @@ and any missing, unexpected or mis-shaped tensor raises an error naming it.
 
 As in Ai2's code (and our reference model), image features are ADDED to the embeddings of
 the `<im_patch>` tokens; they do not replace them. Processor side: molmo_vllm/processor.py.
-Registered with vLLM by `molmo_vllm.register()`; no pipeline parallelism.
+Registered with vLLM by `molmo_vllm.register()`.
+
+Pipeline parallelism (vLLM's `SupportsPP`): the blocks are split over the ranks
+(`make_layers`; the others are PPMissingLayer), hidden states and the residual travel between
+them as IntermediateTensors, and the vision tower is built on the first rank only, which is
+where vLLM runs the encoder. The embedding table, ln_f and the head are built on every rank
+(as vLLM's built-in Molmo does) and used on the first and last.
 
 LoRA (vLLM's `SupportsLoRA`): the decoder's att_proj, attn_out, ff_proj and ff_out take
 adapters in PEFT's format as molmo_model/lora.py writes them (and as PEFT names an adapter of
@@ -48,7 +54,7 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import MulAndSilu
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -69,9 +75,17 @@ from vllm.model_executor.models.interfaces import (
     MultiModalEmbeddings,
     SupportsLoRA,
     SupportsMultiModal,
+    SupportsPP,
 )
 from vllm.model_executor.models.module_mapping import MultiModelKeys
-from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    WeightsMapper,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
@@ -238,9 +252,11 @@ class MolmoTransformer(nn.Module):
         self.wte = VocabParallelEmbedding(
             cfg.total_vocab_size, cfg.hidden_size, quant_config=quant_config, prefix=f"{prefix}.wte"
         )
-        self.blocks = nn.ModuleList(
-            MolmoBlock(cfg, cache_config, quant_config, prefix=f"{prefix}.blocks.{i}")
-            for i in range(cfg.num_hidden_layers)
+        # This rank's blocks [start, end); the others are PPMissingLayer (pipeline parallelism).
+        self.start_layer, self.end_layer, self.blocks = make_layers(
+            cfg.num_hidden_layers,
+            lambda prefix: MolmoBlock(cfg, cache_config, quant_config, prefix=prefix),
+            prefix=f"{prefix}.blocks",
         )
         self.ln_f = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ff_out = ParallelLMHead(
@@ -248,6 +264,9 @@ class MolmoTransformer(nn.Module):
             cfg.hidden_size,
             quant_config=quant_config,
             prefix=f"{prefix}.ff_out",
+        )
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], cfg.hidden_size
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -259,11 +278,17 @@ class MolmoTransformer(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)  # [T, d]
-        residual = None
-        for block in self.blocks:
+    ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            x = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)  # [T, d]
+            residual = None
+        else:  # the previous stage's output
+            assert intermediate_tensors is not None
+            x, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for block in self.blocks[self.start_layer : self.end_layer]:
             x, residual = block(positions, x, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": x, "residual": residual})
         x, _ = self.ln_f(x, residual)
         return x
 
@@ -311,7 +336,7 @@ def expected_checkpoint_shapes(config: MolmoConfig) -> dict[str, torch.Size]:
 @MULTIMODAL_REGISTRY.register_processor(
     MolmoMultiModalProcessor, info=MolmoProcessingInfo, dummy_inputs=MolmoDummyInputsBuilder
 )
-class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
+class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA, SupportsPP):
     supports_mm_device_do_normalize = True  # uint8 crops, normalised in embed_multimodal
     # LoRA: the fused projections are one adapter module each (PEFT adapts them fused).
     packed_modules_mapping = {"att_proj": ["att_proj"], "ff_proj": ["ff_proj"]}
@@ -340,12 +365,15 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
         self.molmo_config = molmo_config_of(self.config)
         cfg = self.molmo_config.llm
         with self._mark_tower_model(vllm_config, "image"):
-            self.vision_backbone = MolmoVisionBackbone(self.molmo_config)
+            # vLLM runs the encoder on the first pipeline stage only.
+            first = get_pp_group().is_first_rank
+            self.vision_backbone = MolmoVisionBackbone(self.molmo_config) if first else PPMissingLayer()
         with self._mark_language_model(vllm_config):
             self.transformer = MolmoTransformer(
                 vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer")
             )
         self.logits_processor = LogitsProcessor(cfg.embedding_size)
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
         self.tokens_per_crop = self.molmo_config.preprocess.tokens_per_side**2
 
     # ---- images ----
@@ -391,7 +419,7 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -417,8 +445,9 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA):
                 continue
             target = vllm_param_name(name)
             if target not in params:
-                # The vision tower is not built when images are disabled (limit 0).
-                if target.startswith("vision_backbone."):
+                # The vision tower is not built when images are disabled (limit 0) nor on a
+                # later pipeline stage; another stage's blocks are not built here.
+                if target.startswith("vision_backbone.") or is_pp_missing_parameter(target, self):
                     continue
                 raise ValueError(f"checkpoint tensor {name} has no parameter {target}")
             p = params[target]

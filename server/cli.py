@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, short, text in (
         ("tensor_parallel_size", "-tp", "devices each layer is split over (CPU: cores, with "
          "VLLM_CPU_OMP_THREADS_BIND)"),
-        ("pipeline_parallel_size", "-pp", "pipeline stages (above 1 refused: Molmo's vLLM "
-         "model has no pipeline parallelism)"),
+        ("pipeline_parallel_size", "-pp", "pipeline stages: the decoder's blocks split in "
+         "order over ranks, the vision tower on the first (CPU: one core per rank)"),
         ("data_parallel_size", "-dp", "model replicas behind this server"),
     ):
         flag = "--" + name.replace("_", "-")

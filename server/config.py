@@ -54,7 +54,7 @@ class ServerConfig:
 
     # Scale-out: vLLM's own parallelism, passed through (README, "Scaling").
     tensor_parallel_size: int = 1  # split each layer over this many devices (CPU: cores)
-    pipeline_parallel_size: int = 1  # split the layers in stages (refused: see engine.py)
+    pipeline_parallel_size: int = 1  # split the decoder's blocks in stages over ranks
     data_parallel_size: int = 1  # model replicas behind one front end
     distributed_executor_backend: str | None = None  # mp, ray, uni, external_launcher
 

@@ -9,6 +9,7 @@ in a thread and answers /health with 503 until it returns.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,20 +85,23 @@ def engine_args(config: ServerConfig) -> Any:
 
 
 def check_parallel(config: ServerConfig) -> None:
-    """Refuse (ValueError) a parallel layout the served model cannot run, before any engine
-    starts. Pipeline parallelism needs a model that implements vLLM's SupportsPP; ours
-    (molmo_vllm/model.py) does not, and vLLM would only say so deep into its start-up."""
-    if config.pipeline_parallel_size == 1:
+    """Refuse (ValueError) a parallel layout that cannot run here, before any engine starts.
+    On a CPU, vLLM binds each rank (tensor x pipeline) to cores of its own
+    (VLLM_CPU_OMP_THREADS_BIND), so the ranks must not outnumber the cores this process may
+    use; vLLM itself would only fail deep into its start-up."""
+    ranks = config.tensor_parallel_size * config.pipeline_parallel_size
+    if ranks == 1:
         return
-    from vllm.model_executor.models.interfaces import supports_pp
+    from vllm.platforms import current_platform
 
-    from molmo_vllm.model import MolmoForCausalLM
-
-    if not supports_pp(MolmoForCausalLM):
+    if not current_platform.is_cpu():
+        return
+    cores = len(os.sched_getaffinity(0))
+    if ranks > cores:
         raise ValueError(
-            f"pipeline_parallel_size={config.pipeline_parallel_size}: Molmo's vLLM model "
-            "(molmo_vllm/model.py) does not implement pipeline parallelism; split the model "
-            "with --tensor-parallel-size, or add replicas with --data-parallel-size"
+            f"tensor_parallel_size={config.tensor_parallel_size} x pipeline_parallel_size="
+            f"{config.pipeline_parallel_size} = {ranks} ranks, but this server may use {cores} CPU "
+            "core(s): vLLM's CPU backend gives every rank cores of its own; use fewer ranks"
         )
 
 

@@ -1,6 +1,11 @@
-"""A fix for vLLM 0.32's CPU LoRA ops: rows without an adapter must get no adapter.
+"""Two fixes for vLLM 0.32's CPU backend, installed by the plugin (`molmo_vllm.register()`,
+in every engine process) on the CPU platform only.
 
-vLLM marks the tokens of requests that use no adapter with the LoRA index -1; its Triton
+1. LoRA: rows without an adapter must get no adapter (`patch_lora_ops`).
+2. Pipeline parallelism in eager mode: a later stage needs its buffer for the previous stage's
+   hidden states (`patch_pp_eager`).
+
+1. vLLM marks the tokens of requests that use no adapter with the LoRA index -1; its Triton
 kernels (GPU) skip them. The PyTorch ops its CPU platform runs instead
 (`vllm/lora/ops/torch_ops/lora_ops.py`) gather `lora_weights[indices]`, and -1 picks the LAST
 adapter slot: in a batch that mixes base requests with adapter requests, the base rows get
@@ -9,11 +14,18 @@ base with two adapters and max_loras=2, batched base/a/b, gave wrong base answer
 prompts; the same requests one model at a time were right. vLLM has open fixes for it
 (vllm-project/vllm pull requests 48421 and 49656), not in 0.32.
 
-`patch()` replaces the three gather ops, where the CPU LoRA wrapper and the `sgmv_*` prefill
+`patch_lora_ops()` replaces the three gather ops, where the CPU LoRA wrapper and the `sgmv_*` prefill
 ops look them up, with versions that zero the update of rows whose index is -1. Rows with an
-adapter get exactly what they got before. It runs in every engine process through
-`molmo_vllm.register()` (the plugin entry point), on the CPU platform only, and does nothing
-once vLLM's ops skip -1 themselves (`_fixed_upstream`).
+adapter get exactly what they got before. It does nothing once vLLM's ops skip -1
+themselves (`_lora_fixed_upstream`).
+
+2. A pipeline stage after the first receives the previous stage's hidden states into a buffer
+(`model_runner.intermediate_tensors`) that vLLM's runner makes in its dummy run. The CPU
+runner does that dummy run only when it compiles the model (`warming_up_model` returns at
+once under --enforce-eager), so an eager PP=2 engine died on its first request (an assertion
+in `sync_and_gather_intermediate_tensors`); compiled, the same engine answered. The fix makes
+the buffer, as the dummy run would, once the KV cache is set up (`initialize_kv_cache`, which
+both modes run), when it is still missing.
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
-def _fixed_upstream() -> bool:
+def _lora_fixed_upstream() -> bool:
     """Whether vLLM's own shrink op already gives a -1 row no update."""
     from vllm.lora.ops.torch_ops import lora_ops
 
@@ -71,7 +83,7 @@ def _fixed_upstream() -> bool:
 
 
 def patch() -> None:
-    """Install the fixed ops where vLLM's CPU LoRA path calls them (idempotent)."""
+    """Both fixes, on the CPU platform (idempotent)."""
     global _patched
     if _patched:
         return
@@ -80,10 +92,36 @@ def patch() -> None:
 
     if not current_platform.is_cpu():
         return
+    patch_lora_ops()
+    patch_pp_eager()
+
+
+def patch_pp_eager() -> None:
+    """Make a later pipeline stage's intermediate-tensor buffer after the KV cache is set up."""
+    from vllm.distributed import get_pp_group
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.initialize_kv_cache
+    if getattr(original, "_molmo_fixed", False):
+        return
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not get_pp_group().is_first_rank and getattr(self, "intermediate_tensors", None) is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device
+            )
+
+    initialize_kv_cache._molmo_fixed = True  # type: ignore[attr-defined]
+    CPUModelRunner.initialize_kv_cache = initialize_kv_cache
+
+
+def patch_lora_ops() -> None:
+    """Install the fixed LoRA ops where vLLM's CPU LoRA path calls them."""
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
 
-    if _fixed_upstream():
+    if _lora_fixed_upstream():
         return
     from vllm.lora.punica_wrapper import punica_cpu
 

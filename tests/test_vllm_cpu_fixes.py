@@ -1,11 +1,12 @@
-"""molmo_vllm/cpu_lora.py: vLLM 0.32's CPU LoRA ops, fixed for rows without an adapter.
+"""molmo_vllm/cpu_fixes.py, part 1: vLLM 0.32's CPU LoRA ops, fixed for rows without an adapter.
 
 Rows with an adapter get exactly vLLM's result; rows whose index is -1 get no update (vLLM's
 own op gives them the last slot's adapter: checked here too, so this test says when an
 upgrade of vLLM makes the fix unnecessary). The end-to-end case (base, a and b batched on
-one server) is in tests/test_server_lora.py.
+one server) is in tests/test_server_lora.py; part 2 (eager pipeline parallelism) is tested
+by tests/test_server_scale.py's PP=2 case.
 
-    pytest tests/test_cpu_lora_ops.py -q
+    pytest tests/test_vllm_cpu_fixes.py -q
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
-from molmo_vllm import cpu_lora  # noqa: E402
+from molmo_vllm import cpu_fixes  # noqa: E402
 
 SLOTS, B, IN, R, OUT = 3, 6, 16, 4, 12
 INDICES = torch.tensor([0, -1, 2, 1, -1, 2])
@@ -31,9 +32,9 @@ def test_shrink_expand_and_slice_skip_rows_without_an_adapter():
     x, a, h, b, y0 = _case()
     keep = INDICES >= 0
     for theirs, ours, args in (
-        (lora_ops.bgmv_shrink, cpu_lora.bgmv_shrink, lambda out: (x, a, out, INDICES, 0.5)),
-        (lora_ops.bgmv_expand, cpu_lora.bgmv_expand, lambda out: (h, b, out, INDICES, True)),
-        (lora_ops.bgmv_expand_slice, cpu_lora.bgmv_expand_slice, lambda out: (h, b, out, INDICES, 2, OUT, True)),
+        (lora_ops.bgmv_shrink, cpu_fixes.bgmv_shrink, lambda out: (x, a, out, INDICES, 0.5)),
+        (lora_ops.bgmv_expand, cpu_fixes.bgmv_expand, lambda out: (h, b, out, INDICES, True)),
+        (lora_ops.bgmv_expand_slice, cpu_fixes.bgmv_expand_slice, lambda out: (h, b, out, INDICES, 2, OUT, True)),
     ):  # fmt: skip
         want, got = y0.clone(), y0.clone()
         theirs(*args(want))
@@ -49,4 +50,4 @@ def test_vllms_own_op_still_needs_the_fix():
     x, a, _, _, y0 = _case(1)
     out = torch.zeros(B, R)
     lora_ops.bgmv_shrink(x, a, out, INDICES, 1.0)
-    assert not torch.all(out[~(INDICES >= 0)] == 0), "vLLM now skips -1 rows: drop molmo_vllm/cpu_lora.py"
+    assert not torch.all(out[~(INDICES >= 0)] == 0), "vLLM now skips -1 rows: drop molmo_vllm/cpu_fixes.py"
