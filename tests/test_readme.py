@@ -59,6 +59,12 @@ SMALL: dict[str, tuple[str, list[str]]] = {
     "molmo train --config training/configs/example.toml --set run.steps=2000": ("print-config", ["--print-config"]),
     "torchrun --nproc-per-node 2 -m molmo_cli train --config my.toml": ("print-config", ["--print-config"]),
     "molmo eval --model models/molmo-demo --engine vllm": ("run", [*QUICK_EVAL, "--tasks", "count", "--out", "demo_eval.json"]),
+    "molmo train --init-from /tmp/tiny --data my_data/train.jsonl --lora 8 --out runs/pets --steps 200": (
+        "run", ONE_STEP),
+    "molmo eval --model /tmp/tiny --lora runs/pets/adapter --data my_val/val.jsonl": ("run", QUICK_EVAL),
+    # Parsed, then the app is built without an engine: the adapter is checked against the base.
+    "molmo serve --model /tmp/tiny --lora-modules pets=runs/pets/adapter --max-lora-rank 8": ("serve-args", []),
+    "molmo export --merge-lora --model /tmp/tiny --lora runs/pets/adapter --out runs/pets/merged": ("run", []),
 }  # fmt: skip
 
 # Commands of other subcommands, by prefix: they need a running server, an image of the
@@ -138,10 +144,15 @@ def test_readme_commands_run_at_small_sizes(tmp_path):
             done = subprocess.run(["bash", "-c", f"{command} && python -c 'import molmo_cli'"], cwd=ROOT,
                                   capture_output=True, text=True, timeout=300)  # fmt: skip
         elif how == "serve-args":
+            from server.app import create_app
             from server.cli import config_from_args
 
             argv = _argv(command, extra, tmp_path)[4:]  # after `python -m molmo_cli serve`
-            config_from_args([a if not a.startswith("runs/") else str(tmp_path / a) for a in argv])
+            argv = [re.sub(r"^((?:\w+=)?)(runs/)", lambda m: m.group(1) + f"{tmp_path}/runs/", a) for a in argv]
+            config = config_from_args(argv)
+            if config.lora_modules:  # the adapters are checked when the app is built
+                app = create_app(config, engine_factory=None)
+                assert [a.name for a in app.state.serving.served_adapters()] == [n for n, _ in config.lora_modules]
             continue
         else:
             done = subprocess.run(_argv(command, extra, tmp_path), cwd=tmp_path, env=env, capture_output=True,
@@ -149,6 +160,8 @@ def test_readme_commands_run_at_small_sizes(tmp_path):
         assert done.returncode == 0, f"{command}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert (tmp_path / "runs" / "mine" / "model" / "config.json").exists()
     assert (tmp_path / "runs" / "mine" / "model" / "eval_val.json").exists()
+    assert (tmp_path / "runs" / "pets" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "runs" / "pets" / "merged" / "config.json").exists()
 
 
 def test_readme_python_blocks_compile():
@@ -160,12 +173,27 @@ def test_readme_python_blocks_compile():
 
 @pytest.mark.vllm
 @pytest.mark.server
-def test_serve_script_answers_health(tmp_path):
+def test_serve_script_answers_health_and_an_adapter_by_name(tmp_path):
+    """scripts/serve.sh as the README starts it, with one adapter of the demo model beside it
+    (`--lora-modules`, as in "Adapters"): /v1/models lists both, and a chat naming either is
+    answered by it."""
     require_vllm_marker()
+    import copy
+
+    from molmo_model.checkpoint import load_checkpoint
+    from molmo_model.lora import LoRAConfig, add_lora, save_adapter
+    from server.cli import DEMO_MODEL
+
+    demo, _, _ = load_checkpoint(DEMO_MODEL, with_tokenizer=False)
+    lora = LoRAConfig(rank=8, alpha=16)
+    model = copy.deepcopy(demo)
+    add_lora(model, lora)
+    adapter = save_adapter(model, lora, tmp_path / "pets")
     port = free_port()
     log = tmp_path / "serve.log"
+    flags = ["--port", str(port), "--max-model-len", "1024", "--lora-modules", f"pets={adapter}", "--max-lora-rank", "8"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["scripts/serve.sh", "--port", str(port), "--max-model-len", "1024"], cwd=ROOT,
+        proc = subprocess.Popen(["scripts/serve.sh", *flags], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 600
@@ -179,7 +207,11 @@ def test_serve_script_answers_health(tmp_path):
                 pass
             time.sleep(0.5)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
-        assert models["data"], models
+        assert [(m["id"], m["parent"]) for m in models["data"]] == [("molmo-demo", None), ("pets", "molmo-demo")]
+        for name in ("molmo-demo", "pets"):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+                "model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})  # fmt: skip
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
