@@ -5,6 +5,11 @@ tokenizer, `train_config.json`) in float32 plus `training_state.pt`: optimizer, 
 step, every rank's RNG states, the data position, the world size and, for each extra loss
 with a head (training/supervision.py), `{name}_head`. A folder holding training_state.pt is
 always complete; a run in the same out_dir resumes from the newest one.
+
+A LoRA run (`lora.rank` > 0) saves only what it trains: the checkpoint folder is the adapter
+in PEFT's layout (adapter_config.json, adapter_model.safetensors, molmo_model/lora.py) with
+`train_config.json` and `training_state.pt` (whose optimizer holds the adapter's parameters
+only); a resumed run takes its frozen base from `model.init_from` again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 from molmo_model.checkpoint import save_checkpoint
 from molmo_model.config import MolmoConfig
+from molmo_model.lora import save_adapter
 from molmo_model.model import MolmoForCausalLM
 from molmo_model.tokenizer import MolmoTokenizer
 from training.config import TrainConfig
@@ -81,6 +87,13 @@ def save_served(
     return save_checkpoint(model, out, tokenizer, dtype=dtype, extra_files=extra_files)
 
 
+def save_lora(model: nn.Module, cfg: TrainConfig, out: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """The adapter folder of a LoRA run (PEFT's layout, float32) with how it was made."""
+    base = str(Path(cfg.model.init_from).resolve()) if cfg.model.init_from else ""
+    return save_adapter(unwrap(model), cfg.lora.adapter(), out, base_model=base,
+                        extra_files={**config_file(cfg), **(extra_files or {})})  # fmt: skip
+
+
 def save_training_checkpoint(
     run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, tokenizer, cfg: TrainConfig,
     d: Dist, data_position: dict[str, int], losses: Sequence[ExtraLoss] = (),
@@ -88,14 +101,20 @@ def save_training_checkpoint(
     """checkpoints/step-NNNNNN/: the served model (float32) + training_state.pt, written so
     that a folder holding training_state.pt is always complete."""
     fsdp = cfg.run.parallel == "fsdp" and d.enabled
-    model_state, optim_state = full_state_dicts(model, optimizer, fsdp)
+    if cfg.lora.enabled:  # the adapter only: the frozen base is init_from's
+        model_state, optim_state = None, optimizer.state_dict()
+    else:
+        model_state, optim_state = full_state_dicts(model, optimizer, fsdp)
     rngs = [rng_state()]
     if d.enabled:
         rngs = [None] * d.world_size
         dist.all_gather_object(rngs, rng_state())
     out = run_dir / "checkpoints" / f"step-{step:06d}"
     if d.main:
-        save_served(model_state, unwrap(model).config, tokenizer, out, "float32", config_file(cfg))
+        if cfg.lora.enabled:
+            save_lora(model, cfg, out)
+        else:
+            save_served(model_state, unwrap(model).config, tokenizer, out, "float32", config_file(cfg))
         state = {
             "step": step,
             "optimizer": optim_state,

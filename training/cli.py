@@ -2,6 +2,9 @@
 
     molmo train --init-from CKPT --data train.jsonl --val-data val.jsonl --out runs/mine
     molmo eval --model runs/mine/model --data val.jsonl [--engine reference]
+    molmo train --init-from CKPT --data train.jsonl --lora 16 --out runs/mine   # an adapter
+    molmo eval --model CKPT --lora runs/mine/adapter --data val.jsonl
+    molmo export --merge-lora --model CKPT --lora runs/mine/adapter --out merged/
     molmo train --preset demo-gpu                      # the demo model, 450 s on one GPU
     molmo train --preset demo                          # the CPU demo model, ~45 min on 2 cores
     molmo train --config run.toml [--set run.steps=50 --set data.batch_size=2]
@@ -23,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from molmo_model.lora import DECODER_TARGETS, TARGETS
 from training.config import RUN_PRESETS, RunError, TrainConfig, run_preset
 from training.recipe import COMPONENTS
 
@@ -74,9 +78,12 @@ def build_config(preset: str | None, config: str | None, sets: list[str], flags:
             raise ValueError(f"--config: {p} must be a .toml or .json file")
     if preset:
         d.setdefault("preset", preset)
+    lora = flags is not None and _lora_rank(flags, sets) > 0
     if flags is not None:
-        _apply_flags(d, flags, own_recipe=not (preset or config))
-    if (flags is not None and flags.data and not (preset or config) and not flags.init_from
+        if flags.lora is not None and flags.lora < 1:
+            raise ValueError(f"--lora RANK must be an integer >= 1, got {flags.lora}")
+        _apply_flags(d, flags, own_recipe=not (preset or config), lora=lora)
+    if (flags is not None and flags.data and not (preset or config) and not flags.init_from and not lora
             and not any(item.strip().startswith("model.") for item in sets)):  # fmt: skip
         raise ValueError("--data fine-tunes a checkpoint: give --init-from CKPT (a Molmo checkpoint folder, "
                          "Ai2's release layout included); to train a new model from scratch instead, choose "
@@ -89,18 +96,40 @@ def build_config(preset: str | None, config: str | None, sets: list[str], flags:
             setattr(cfg.optim, f"{c}_lr", getattr(cfg.optim, f"{c}_lr") * flags.lr_scale)
     if flags is not None and flags.val_data and "eval_every" not in d.get("run", {}):
         cfg.run.eval_every = cfg.run.steps  # one quick evaluation of the val data, at the end
+    if flags is not None and not cfg.lora.enabled:
+        given = [f"--lora-{k}" for k in ("alpha", "dropout", "targets", "base-dtype")
+                 if getattr(flags, f"lora_{k.replace('-', '_')}", None) is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{given[0]} shapes a LoRA adapter: give its rank with --lora RANK")
     return cfg
 
 
-def _apply_flags(d: dict[str, Any], a: argparse.Namespace, own_recipe: bool) -> None:
+def _lora_rank(flags: argparse.Namespace, sets: list[str]) -> int:
+    """The LoRA rank asked for by --lora or --set lora.rank=R (0: none)."""
+    rank = getattr(flags, "lora", None) or 0
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key.strip() == "lora.rank":
+            parsed = _parse_value(value)
+            rank = parsed if isinstance(parsed, int) else 0
+    return rank
+
+
+def _apply_flags(d: dict[str, Any], a: argparse.Namespace, own_recipe: bool, lora: bool = False) -> None:
     """The fine-tuning flags as config keys. `own_recipe`: no preset or file chose the
-    optimiser, so it is the paper's fine-tuning recipe."""
-    sections = {k: dict(d.get(k) or {}) for k in ("model", "data", "optim", "run")}
+    optimiser, so it is the paper's fine-tuning recipe, or with `lora` the LoRA preset."""
+    sections = {k: dict(d.get(k) or {}) for k in ("model", "data", "optim", "run", "lora")}
+    if lora and own_recipe:
+        sections["optim"].setdefault("preset", "lora")
     if a.data:
         sections["data"].update(source="jsonl", path=a.data)
         if own_recipe:
             sections["optim"].setdefault("preset", "finetune")
             sections["run"].setdefault("resume", a.resume)  # an earlier run's checkpoints need --resume
+    for value, key in ((a.lora, "rank"), (a.lora_alpha, "alpha"), (a.lora_dropout, "dropout"),
+                       (a.lora_targets, "targets"), (a.lora_base_dtype, "base_dtype")):  # fmt: skip
+        if value is not None:
+            sections["lora"][key] = value
     for value, (section, key) in ((a.val_data, ("data", "val_path")), (a.init_from, ("model", "init_from")),
                                   (a.out, ("run", "out_dir")), (a.steps, ("run", "steps")),
                                   (a.batch_size, ("data", "batch_size")), (a.max_len, ("data", "max_len")),
@@ -132,6 +161,15 @@ def train(argv: list[str]) -> int:
                    help="override one field, e.g. --set run.steps=100 (repeatable)")  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--list-presets", action="store_true")
+    lora = p.add_argument_group("LoRA", "train an adapter on the frozen --init-from checkpoint ([lora] in a config)")
+    lora.add_argument("--lora", type=int, metavar="RANK", help="adapter rank (lora.rank); the optimiser "
+                      "preset becomes `lora` unless --preset/--config chose one")  # fmt: skip
+    lora.add_argument("--lora-alpha", type=float, help="the update's scale is alpha / rank (default 2 x rank)")
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0.05)")
+    lora.add_argument("--lora-targets", metavar="NAMES", help=f"comma-separated, of {','.join(TARGETS)} "
+                      f"(default {','.join(DECODER_TARGETS)}: what vLLM serves as an adapter)")  # fmt: skip
+    lora.add_argument("--lora-base-dtype", choices=("float32", "bfloat16"),
+                      help="the frozen base's weights (bfloat16 needs bf16 autocast: CUDA, or --set run.precision=bf16)")  # fmt: skip
     a = p.parse_args(argv)
     if a.list_presets:
         for name in sorted(RUN_PRESETS):
@@ -155,16 +193,33 @@ def train(argv: list[str]) -> int:
         print(f"molmo train: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
-        print(f"final model: {final}")
-        print(f"serve it:    molmo serve --model {final}")
         check = f"--data {cfg.data.val_path}" if cfg.data.val_path else "--data VAL.jsonl"
-        print(f"evaluate it: molmo eval --model {final} {check}")
+        if cfg.lora.enabled:
+            _print_adapter_hints(cfg, final, check)
+        else:
+            print(f"final model: {final}")
+            print(f"serve it:    molmo serve --model {final}")
+            print(f"evaluate it: molmo eval --model {final} {check}")
     return 0
+
+
+def _print_adapter_hints(cfg: TrainConfig, adapter: Path, check: str) -> None:
+    base, name = cfg.model.init_from, Path(cfg.run.out_dir).resolve().name
+    print(f"final adapter: {adapter} (LoRA rank {cfg.lora.rank} on {cfg.model.init_from})")
+    if cfg.lora.adapter().servable:
+        print(f"serve it:      molmo serve --model {base} --lora-modules {name}={adapter}")
+    else:  # connector/ViT adapters are served merged
+        print(f"serve it:      molmo export --merge-lora --model {base} --lora {adapter} --out MERGED && "
+              "molmo serve --model MERGED")  # fmt: skip
+    print(f"evaluate it:   molmo eval --model {base} --lora {adapter} {check}")
+    print(f"merge it:      molmo export --merge-lora --model {base} --lora {adapter} --out MERGED")
 
 
 def evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="molmo eval", description="Pointing, counting and clock accuracy.")
     p.add_argument("--model", required=True, help="a checkpoint folder (served layout)")
+    p.add_argument("--lora", metavar="ADAPTER", help="a LoRA adapter folder (PEFT's, as molmo train --lora "
+                   "writes) to answer with on --model; the report goes to the adapter's folder")  # fmt: skip
     p.add_argument("--engine", choices=("vllm", "reference"), default="vllm")
     p.add_argument("--data", metavar="VAL.jsonl", help="score your own held-out JSONL data instead of "
                    "synthetic scenes (metrics: training/evaluate_data.py)")
@@ -204,6 +259,11 @@ def evaluate(argv: list[str]) -> int:
     if not (model_dir / "config.json").exists():
         print(f"molmo eval: --model {model_dir} has no config.json", file=sys.stderr)
         return 2
+    try:
+        adapter = _adapter(a, model_dir)
+    except ValueError as e:  # AdapterError: names the problem
+        print(f"molmo eval: --lora: {e}", file=sys.stderr)
+        return 2
     source = Path(a.data_config) if a.data_config else model_dir / "train_config.json"
     try:
         data_cfg = TrainConfig.load(source).data if source.exists() else TrainConfig().data
@@ -237,8 +297,9 @@ def evaluate(argv: list[str]) -> int:
             return 2
         vocabulary[name] = list(dict.fromkeys(names))
 
-    engine = _engine(a, model_dir)  # one engine answers both renderers' questions
-    head = {"model": str(model_dir), "engine": a.engine, "split": a.split, "examples": a.examples,
+    engine = _engine(a, model_dir, adapter)  # one engine answers both renderers' questions
+    head = {"model": str(model_dir), **({"lora": str(adapter.path)} if adapter else {}),
+            "engine": a.engine, "split": a.split, "examples": a.examples,
             "start": a.start, "tasks": list(tasks), **({"dtype": a.dtype} if a.engine == "vllm" else {}),
             **({"fast_preprocessing": True} if a.fast_preprocessing else {})}  # fmt: skip
     own: dict[str, Any] = {}
@@ -256,7 +317,7 @@ def evaluate(argv: list[str]) -> int:
         report = {**head, "renderer": "independent", **independent}
     else:  # the own generator's results stay at the top level, as other code reads them
         report = {**head, **own, **({"independent": independent} if independent else {})}
-    out = Path(a.out) if a.out else model_dir / "eval_report.json"
+    out = Path(a.out) if a.out else (adapter.path if adapter else model_dir) / "eval_report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     for label, part in (("own generator", own), ("independent renderer", independent or {})):
         summary = {k: part[k] for k in ("pointing", "counting", "clock") if k in part}
@@ -267,13 +328,24 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
-def _engine(a: argparse.Namespace, model_dir: Path):
+def _adapter(a: argparse.Namespace, model_dir: Path):
+    """The checked adapter of --lora (None without one). Raises AdapterError naming the
+    problem; vLLM serves decoder adapters only, so it refuses connector/ViT ones."""
+    if not a.lora:
+        return None
+    from molmo_model.config import MolmoConfig
+    from molmo_model.lora import read_adapter
+
+    return read_adapter(a.lora, MolmoConfig.load(model_dir), servable_only=a.engine == "vllm")
+
+
+def _engine(a: argparse.Namespace, model_dir: Path, adapter=None):
     from training.evaluate import ReferenceEngine, VllmEngine
 
     if a.engine == "vllm":
         return VllmEngine(model_dir, max_new_tokens=a.max_new_tokens, dtype=a.dtype,
-                          fast_preprocessing=a.fast_preprocessing)
-    return ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens)
+                          fast_preprocessing=a.fast_preprocessing, adapter=adapter)  # fmt: skip
+    return ReferenceEngine.from_dir(model_dir, max_new_tokens=a.max_new_tokens, adapter=adapter)
 
 
 def _evaluate_data(a: argparse.Namespace) -> int:
@@ -289,6 +361,11 @@ def _evaluate_data(a: argparse.Namespace) -> int:
         print(f"molmo eval: --point-threshold must be in (0, 1], got {threshold}", file=sys.stderr)
         return 2
     try:
+        adapter = _adapter(a, model_dir)
+    except ValueError as e:  # AdapterError: names the problem
+        print(f"molmo eval: --lora: {e}", file=sys.stderr)
+        return 2
+    try:
         queries = data_queries(a.data, a.examples)
     except OSError as e:
         print(f"molmo eval: --data: {e}", file=sys.stderr)
@@ -299,11 +376,12 @@ def _evaluate_data(a: argparse.Namespace) -> int:
     if not queries:
         print(f"molmo eval: {a.data} has no annotations", file=sys.stderr)
         return 2
-    report = run_data_eval(_engine(a, model_dir), queries, threshold)
+    report = run_data_eval(_engine(a, model_dir, adapter), queries, threshold)
     if not a.answers:
         report.pop("per_query")
-    report = {"model": str(model_dir), "engine": a.engine, "data": str(a.data), **report}
-    out = Path(a.out) if a.out else model_dir / f"eval_{Path(a.data).stem}.json"
+    report = {"model": str(model_dir), **({"lora": str(adapter.path)} if adapter else {}), "engine": a.engine,
+              "data": str(a.data), **report}  # fmt: skip
+    out = Path(a.out) if a.out else (adapter.path if adapter else model_dir) / f"eval_{Path(a.data).stem}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"report: {out}")

@@ -17,6 +17,8 @@ and/or a TOML or JSON file whose tables mirror the dataclasses::
     steps = 500
     [extras.dense]             # the demo's extra supervision (training/extras/), off by default
     weight = 1.0
+    [lora]                     # train a LoRA adapter on a frozen init_from checkpoint (off: rank 0)
+    rank = 16
 
 Unknown keys are errors naming the key. `TrainConfig.to_dict()` is what a run saves beside
 its checkpoints (`train_config.json`), so every model records how it was made. The extras'
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from molmo_model.config import LLMConfig, MolmoConfig, VisionConfig, get_preset
+from molmo_model.lora import DECODER_TARGETS, TARGETS, LoRAConfig
 from training.data.synthetic import ClockConfig, SceneConfig, SyntheticConfig
 from training.extras import ExtrasConfig
 from training.extras.dense import DenseConfig
@@ -170,6 +173,45 @@ class RunConfig:
         self.export_dir = self.export_dir or None  # TOML has no null: "" means no export
 
 
+@dataclass
+class LoRATrainConfig:
+    """`[lora]`: train a LoRA adapter (molmo_model/lora.py) instead of the whole model. The
+    `init_from` checkpoint stays frozen (optionally held in bf16); only the adapter's A and B
+    matrices train, and the run's output is a PEFT adapter folder (`run_dir/adapter`)."""
+
+    rank: int = 0  # r; 0 = off (every parameter trains)
+    alpha: float | None = None  # the update is scaled by alpha / rank; None = 2 x rank
+    dropout: float = 0.05  # on each adapter's input, in training only
+    targets: tuple[str, ...] = DECODER_TARGETS  # from molmo_model.lora.TARGETS
+    base_dtype: str = "float32"  # the frozen base's weights: "float32" or "bfloat16" (needs bf16 autocast)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # --set lora.targets=att_proj,ff_out
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"lora.rank must be an integer >= 1 (0 = off), got {self.rank!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float)
+                                       or self.alpha <= 0):  # fmt: skip
+            raise ValueError(f"lora.alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets: unknown {unknown or 'none given'}; choose from {','.join(TARGETS)}")
+        if self.base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"lora.base_dtype must be 'float32' or 'bfloat16', got {self.base_dtype!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def adapter(self) -> LoRAConfig:
+        """The adapter's shape (alpha resolved)."""
+        alpha = float(2 * self.rank if self.alpha is None else self.alpha)
+        return LoRAConfig(rank=self.rank, alpha=alpha, dropout=float(self.dropout), targets=self.targets)
+
+
 # Where the extras' keys lived before they got their own section: (section, key) -> extras table, key.
 ALIASES: dict[tuple[str, str], tuple[str, str]] = {
     ("run", "dense_loss"): ("dense", "weight"),
@@ -198,6 +240,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)  # the demo's extra supervision
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)  # adapter training; off by default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,23 +251,46 @@ class TrainConfig:
             raise ValueError("model.init_from is required for the molmo-7b-d shape (--init-from CKPT): "
                              "random 7B weights with the demo's 512-token tokenizer train nothing useful")
         if self.data.source == "jsonl":
-            switches = {"extras.dense.weight": self.extras.dense.weight,
-                        "extras.grounding.weight": self.extras.grounding.weight,
-                        "extras.recovery.prob": self.extras.recovery.prob}  # fmt: skip
-            on = [name for name, value in switches.items() if value > 0]
+            on = self._extras_on()
             if on:
                 raise ValueError(f"{on[0].rsplit('.', 1)[0]} is the synthetic demo's supervision and does not run "
                                  f"on JSONL data (data.source = 'jsonl'); turn it off: --set {on[0]}=0")
         elif self.data.val_path:
             raise ValueError("data.val_path is for JSONL data; synthetic runs evaluate on their own val split")
+        if self.lora.enabled:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.model.init_from is None:
+            raise ValueError("lora.rank: a LoRA adapts trained weights, and fresh random ones have nothing to "
+                             "adapt: give the checkpoint to start from with --init-from CKPT "
+                             "(or train the whole model without --lora)")  # fmt: skip
+        if self.run.parallel == "fsdp":
+            raise ValueError("lora.rank: LoRA training does not run with run.parallel = 'fsdp' (the frozen base is "
+                             "not sharded); use run.parallel = 'ddp' (the default), with lora.base_dtype = "
+                             "'bfloat16' to halve the base's memory")  # fmt: skip
+        if self.lora.base_dtype == "bfloat16" and self.run.precision == "fp32":
+            raise ValueError("lora.base_dtype = 'bfloat16' runs under bf16 autocast: set run.precision to 'bf16' "
+                             "(or 'auto' on CUDA), or keep lora.base_dtype = 'float32'")  # fmt: skip
+        on = self._extras_on()
+        if on:
+            raise ValueError(f"{on[0].rsplit('.', 1)[0]} is the demo's supervision of a whole model and does not "
+                             f"run with a LoRA (lora.rank > 0); turn it off (--set {on[0]}=0) or train without --lora")  # fmt: skip
+
+    def _extras_on(self) -> list[str]:
+        """The switches (`extras.NAME.KEY`) of the demo's extras that are on."""
+        switches = {"extras.dense.weight": self.extras.dense.weight,
+                    "extras.grounding.weight": self.extras.grounding.weight,
+                    "extras.recovery.prob": self.extras.recovery.prob}  # fmt: skip
+        return [name for name, value in switches.items() if value > 0]
 
     def changes_from(self, saved: dict[str, Any]) -> list[str]:
         """The fields (`section.key`) where this config differs from a saved `to_dict()`,
         except those a resumed run may change (`RESUMABLE_CHANGES`)."""
-        now = self.to_dict()
+        now, defaults = self.to_dict(), TrainConfig().to_dict()
         changed = []
         for section, values in now.items():
-            old = saved.get(section, {})
+            old = saved.get(section, defaults[section])  # a section added since: its defaults
             for key, value in values.items():
                 name = f"{section}.{key}"
                 if name not in RESUMABLE_CHANGES and json.loads(json.dumps(value)) != old.get(key):
@@ -255,6 +321,7 @@ class TrainConfig:
             run=_build(RunConfig, merged["run"], "run"),
             extras=ExtrasConfig(**{f.name: _build(type(getattr(ExtrasConfig(), f.name)), merged["extras"][f.name],
                                                   f"extras.{f.name}") for f in dataclasses.fields(ExtrasConfig)}),
+            lora=_build(LoRATrainConfig, merged["lora"], "lora"),
         )  # fmt: skip
 
     @classmethod

@@ -10,6 +10,10 @@ by default): "point" questions are scored for pointing, "count" questions for co
   the fast path, uint8 crops normalized on the device);
 - `reference`: molmo_model.generate on the PyTorch model, greedy, one query at a time.
 
+Either engine answers with a LoRA adapter (molmo_model/lora.py) on the base: the reference
+merges it into the weights (`merge_adapter`); vLLM loads it as an adapter (`enable_lora`,
+a `LoRARequest` with every prompt), as the server does.
+
 Metrics (paper, pointing evaluation):
 
 - pointing: predicted points (`parse_points`) are matched one-to-one to the true objects with
@@ -45,6 +49,7 @@ from typing import Any
 
 from PIL import Image
 
+from molmo_model.lora import Adapter
 from molmo_model.points import match_points, parse_count, parse_points, point_scores  # noqa: F401
 from training.data.records import Example
 
@@ -174,10 +179,14 @@ class ReferenceEngine:
         self.preprocessor = MolmoPreprocessor(model.config.preprocess, tokenizer)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, max_new_tokens: int = 256) -> ReferenceEngine:
+    def from_dir(cls, model_dir: str | Path, max_new_tokens: int = 256, adapter: Adapter | None = None) -> ReferenceEngine:
+        """The checkpoint in `model_dir`, with `adapter` (read_adapter's) merged into it."""
         from molmo_model.checkpoint import load_checkpoint
+        from molmo_model.lora import merge_adapter
 
         model, _, tokenizer = load_checkpoint(model_dir)
+        if adapter is not None:
+            merge_adapter(model, adapter)
         return cls(model.eval(), tokenizer, max_new_tokens)
 
     def answer(self, queries: Sequence[Query]) -> list[str]:
@@ -202,6 +211,7 @@ class VllmEngine:
         max_model_len: int = 2048,
         dtype: str = "auto",
         fast_preprocessing: bool = False,
+        adapter: Adapter | None = None,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM, SamplingParams
@@ -212,6 +222,13 @@ class VllmEngine:
         register()  # fails early when the plugin is broken
 
         self.tokenizer = MolmoTokenizer.from_dir(model_dir)
+        lora: dict[str, Any] = {}
+        self.lora_request = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(adapter.config.rank)}
+            self.lora_request = LoRARequest("adapter", 1, str(adapter.path))
         self.llm = LLM(
             model=str(model_dir),
             enforce_eager=True,
@@ -220,6 +237,7 @@ class VllmEngine:
             seed=0,
             dtype=dtype,
             mm_device_do_normalize=fast_preprocessing,  # README: "Image preprocessing"
+            **lora,
         )
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
@@ -227,8 +245,20 @@ class VllmEngine:
         from molmo_vllm.prompt import build_prompt
 
         prompts = [build_prompt(self.tokenizer, q.messages, [q.image]) for q in queries]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False, lora_request=self.lora_request)
         return [o.outputs[0].text for o in outputs]
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM takes (a fixed list of values) that holds `rank`."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    fits = [r for r in get_args(MaxLoRARanks) if r >= rank]
+    if not fits:
+        raise ValueError(f"LoRA rank {rank} is over vLLM's largest max_lora_rank {max(get_args(MaxLoRARanks))}")
+    return min(fits)
 
 
 def held_out_queries(

@@ -77,6 +77,19 @@ OPTIM_PRESETS: dict[str, OptimConfig] = {
         vit_warmup=200,
         llm_warmup=200,
     ),  # fmt: skip
+    # LoRA (molmo train --lora): only the adapters' A and B train, from B = 0, so the first
+    # steps cannot disturb the frozen model and a short warmup suffices. 2e-4 is the rate the
+    # LoRA and QLoRA papers train 7B-scale decoders with (their adapters scaled by alpha/r, as
+    # ours are, alpha = 2r by default); one rate for every component, because an adapter's
+    # update is already small next to the weight it adds to, whether in the ViT or the LLM.
+    "lora": OptimConfig(
+        connector_lr=2e-4,
+        vit_lr=2e-4,
+        llm_lr=2e-4,
+        connector_warmup=10,
+        vit_warmup=10,
+        llm_warmup=10,
+    ),  # fmt: skip
     # The CPU demo trains every component from scratch in a few hundred steps. Its ViT learns
     # slowly: at the LLM's rate its residual stream drifts under Adam's noise-sized steps and
     # the image features grow into a large constant that hides the positions.

@@ -20,6 +20,12 @@ Outputs in `run.out_dir`: `log.jsonl` (one line per logged step), `loss.png`,
 `checkpoints/step-NNNNNN/` (resumable, see training/checkpointing.py; a run in the same
 out_dir resumes from the newest one exactly) and `model/` (the final served model, also
 written to `run.export_dir` when set).
+
+A LoRA run (`lora.rank` > 0, `molmo train --lora R`) freezes the `init_from` checkpoint
+(in `lora.base_dtype`), wraps `lora.targets` in adapters (molmo_model/lora.py) whose A and B
+are the only parameters the optimizer sees, prints their count and a memory estimate
+(training/memory.py) before the first step, and ends with `adapter/` (PEFT's folder) instead
+of `model/`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from torch import nn
 
 from molmo_model.checkpoint import load_checkpoint
 from molmo_model.config import MolmoConfig
+from molmo_model.lora import AdapterError, add_lora, load_adapter_state, read_adapter
 from molmo_model.model import MolmoForCausalLM
 from molmo_model.preprocessing import MolmoPreprocessor
 from molmo_model.tokenizer import MolmoTokenizer, build_tokenizer
@@ -49,6 +56,7 @@ from training.checkpointing import (
     full_state_dicts,
     latest_checkpoint,
     load_training_state,
+    save_lora,
     save_served,
     save_training_checkpoint,
     unwrap,
@@ -57,6 +65,7 @@ from training.config import RunError, TrainConfig
 from training.data.check import DataError, check_jsonl
 from training.distributed import Dist, all_reduce_sum, setup_distributed
 from training.loader import StepBatches
+from training.memory import estimate_memory
 from training.recipe import COMPONENTS, build_optimizer, init_from_scratch
 from training.run_log import StepLog, eta_seconds, plot_losses, quick_eval
 from training.step import train_step
@@ -103,8 +112,11 @@ def model_spec(cfg: TrainConfig) -> tuple[MolmoTokenizer, MolmoConfig]:
 def build_model(
     cfg: TrainConfig, resume_from: Path | None, spec: tuple[MolmoTokenizer, MolmoConfig] | None = None
 ) -> tuple[MolmoForCausalLM, MolmoTokenizer, MolmoConfig]:
-    """The same fresh weights on every rank (same seed), or a checkpoint's."""
+    """The same fresh weights on every rank (same seed), or a checkpoint's. A LoRA run's
+    model is `init_from`'s, frozen, with fresh adapters (or `resume_from`'s adapter)."""
     tokenizer, config = spec or model_spec(cfg)
+    if cfg.lora.enabled:
+        return with_lora(cfg, resume_from, tokenizer, config), tokenizer, config
     if resume_from is not None or cfg.model.init_from is not None:
         model, _, _ = load_checkpoint(resume_from or cfg.model.init_from, with_tokenizer=False)
         model.im_patch_id = tokenizer.im_patch_id
@@ -118,6 +130,40 @@ def build_model(
         else:
             model.init_weights(std=cfg.model.init_std, seed=cfg.run.seed)
     return model, tokenizer, config
+
+
+def with_lora(cfg: TrainConfig, resume_from: Path | None, tokenizer: MolmoTokenizer,
+              config: MolmoConfig) -> MolmoForCausalLM:  # fmt: skip
+    """`init_from`'s weights in `lora.base_dtype`, frozen, its `lora.targets` wrapped in
+    adapters drawn from the run's seed, or holding the adapter saved in `resume_from`."""
+    dtype = torch.bfloat16 if cfg.lora.base_dtype == "bfloat16" else torch.float32
+    model, _, _ = load_checkpoint(cfg.model.init_from, dtype=dtype, with_tokenizer=False)
+    model.im_patch_id = tokenizer.im_patch_id
+    model.config = config  # keeps spec overrides such as max_crops
+    model.model.vision_backbone.geo = config.preprocess
+    add_lora(model, cfg.lora.adapter(), seed=cfg.run.seed)  # adapters in float32: the master weights
+    if resume_from is not None:
+        try:
+            adapter = read_adapter(resume_from, config)
+        except AdapterError as e:
+            raise RunError(f"cannot resume {resume_from}: {e}") from None
+        load_adapter_state(model, adapter.tensors)
+    return model
+
+
+def trainable_summary(model: nn.Module, cfg: TrainConfig, batch_images: int) -> str:
+    """What a LoRA run trains and what it should need: the trainable parameter count (and its
+    share of all), and training/memory.py's estimate for this config."""
+    params = list(unwrap(model).parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    adapter = cfg.lora.adapter()
+    head = (f"LoRA rank {adapter.rank} (alpha {adapter.alpha:g}, dropout {adapter.dropout:g}) on "
+            f"{','.join(adapter.targets)}: {trainable:,} trainable parameters of {total:,} "
+            f"({100 * trainable / total:.3f}%)")  # fmt: skip
+    est = estimate_memory(unwrap(model).config, adapter, cfg.lora.base_dtype, batch_images, cfg.data.max_len,
+                          bf16_autocast=cfg.run.precision != "fp32")  # fmt: skip
+    return head + "\n" + est.describe()
 
 
 def preflight(cfg: TrainConfig, preprocessor: MolmoPreprocessor, main: bool = True) -> Path | None:
@@ -196,6 +242,10 @@ def setup(cfg: TrainConfig) -> Run:
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fsdp = cfg.run.parallel == "fsdp" and d.enabled
+    if cfg.lora.base_dtype == "bfloat16" and cfg.lora.enabled and cfg.run.precision == "auto" and d.device.type != "cuda":
+        raise RunError("lora.base_dtype = 'bfloat16' runs under bf16 autocast, which run.precision = 'auto' "
+                       f"turns on for CUDA only (this run is on {d.device.type}): set run.precision = 'bf16', "
+                       "or keep lora.base_dtype = 'float32'")  # fmt: skip
 
     tokenizer, config = model_spec(cfg)
     preprocessor = MolmoPreprocessor(config.preprocess, tokenizer)
@@ -233,9 +283,12 @@ def setup(cfg: TrainConfig) -> Run:
         for name, text in config_file(cfg).items():
             (run_dir / name).write_text(text)
         log.drop_after(start)
-        n_params = sum(p.numel() for p in unwrap(model).parameters()) if not fsdp else None
+        params = [] if fsdp else list(unwrap(model).parameters())
+        n_params = sum(p.numel() for p in params if p.requires_grad)
         print(f"training {n_params or '?'} parameters on {d.world_size} x {d.device.type}, "
               f"steps {start}..{cfg.run.steps}, global batch {batches.global_batch} images, out {run_dir}")  # fmt: skip
+        if cfg.lora.enabled:
+            print(trainable_summary(model, cfg, cfg.data.batch_size), flush=True)
     return Run(cfg, d, run_dir, fsdp, tokenizer, config, model, optimizer, scheduler, losses, batches,
                make_loader(batches, cfg), _autocast(cfg, d), start, log)  # fmt: skip
 
@@ -309,8 +362,11 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def finish(run: Run) -> Path:
-    """Writes the final served model (in `run.save_dtype`) with how it was made."""
+    """Writes the final served model (in `run.save_dtype`) with how it was made; a LoRA run's
+    final output is its adapter folder (`adapter/`), with the log and loss curve beside."""
     cfg, d = run.cfg, run.d
+    if cfg.lora.enabled:
+        return _finish_lora(run)
     model_state, _ = full_state_dicts(run.model, run.optimizer, run.fsdp)
     final = run.run_dir / "model"
     if d.main:
@@ -325,6 +381,20 @@ def finish(run: Run) -> Path:
             for name in ("log.jsonl", "loss.png"):
                 if (final / name).exists():
                     shutil.copy(final / name, export / name)
+    if d.enabled:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _finish_lora(run: Run) -> Path:
+    cfg, d = run.cfg, run.d
+    final = run.run_dir / "adapter"
+    if d.main:
+        log = {"log.jsonl": run.log.path.read_text()} if run.log.path.exists() else {}
+        for out in (final, Path(cfg.run.export_dir)) if cfg.run.export_dir else (final,):
+            save_lora(run.model, cfg, out, log)
+            plot_losses(run.log.path, out / "loss.png")
     if d.enabled:
         dist.barrier()
         dist.destroy_process_group()
