@@ -7,6 +7,7 @@
     molmo bench serve|compare ...           load benchmark of any endpoint (molmo_bench/)
     molmo point IMAGE "red circles"         points from a running server (clients/)
     molmo chat IMAGE "question"             one streamed answer from a running server
+    molmo quantize --model DIR --out DIR    int4 weight-only copy, GPTQ layout (molmo_model)
 
 Also `python -m molmo_cli ...` (for torchrun: `torchrun --nproc-per-node 2 -m molmo_cli train
 ...`). Each subcommand imports its package when it runs, so `molmo init` needs no vLLM.
@@ -71,6 +72,31 @@ def _chat(argv: list[str]) -> int:
     return chat(argv)
 
 
+def _quantize(argv: list[str]) -> int:
+    from molmo_model.quantize import DTYPES, QuantSpec, quantize_checkpoint
+
+    p = argparse.ArgumentParser(
+        prog="molmo quantize",
+        description="Write a 4-bit weight-only copy of a checkpoint (the decoder blocks' linear "
+        "layers, round-to-nearest, GPTQ's layout: vLLM serves it on CPU and GPU).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder to quantize")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bits", type=int, default=4, help="weight bits (4 only)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale: 32, 64, 128, or -1 (one per output channel)")  # fmt: skip
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="dtype of the scales and of every tensor left unquantized")  # fmt: skip
+    a = p.parse_args(argv)
+    try:
+        out = quantize_checkpoint(a.model, a.out, QuantSpec(a.bits, a.group_size), a.dtype)
+    except ValueError as e:
+        print(f"molmo quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote int{a.bits} checkpoint (group size {a.group_size}) to {out}")
+    return 0
+
+
 # name -> function taking argv and returning an exit code
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "init": _init,
@@ -80,6 +106,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bench": _bench,
     "point": _point,
     "chat": _chat,
+    "quantize": _quantize,
 }
 
 

@@ -47,9 +47,13 @@ def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_state_dict(
-    expected: dict[str, torch.Size], found: dict[str, torch.Size], where: str
+    expected: dict[str, torch.Size],
+    found: dict[str, torch.Size],
+    where: str,
+    wrong_dtypes: list[str] | None = None,
 ) -> None:
-    """Raises CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    """Raises CheckpointError naming every missing, unexpected and mis-shaped tensor (and the
+    `wrong_dtypes` a caller found, e.g. quantize.dtype_problems)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     bad = sorted(
@@ -64,12 +68,39 @@ def check_state_dict(
         problems.append("unexpected tensors: " + ", ".join(unexpected))
     if bad:
         problems.append("mis-shaped tensors: " + "; ".join(bad))
+    if wrong_dtypes:
+        problems.append("wrong dtypes: " + "; ".join(wrong_dtypes))
     if problems:
         raise CheckpointError(f"checkpoint {where} does not match its config: " + " | ".join(problems))
 
 
 def _tokenizer_ids(tokenizer) -> int | None:
     return None if tokenizer is None else tokenizer.im_patch_id
+
+
+def write_weights(
+    state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 4 << 30
+) -> None:
+    """Writes `state` as model.safetensors, or as shards with an index past max_shard_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+             "weight_map": {}}  # fmt: skip
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in shard})
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def save_checkpoint(
@@ -94,25 +125,7 @@ def save_checkpoint(
         state = {
             k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
         }
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {}}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                index["weight_map"].update({k: name for k in shard})
-            (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+        write_weights(state, tmp, max_shard_bytes)
         hf = cfg.to_hf_dict()
         hf["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -139,13 +152,28 @@ def save_checkpoint(
     return out
 
 
+def quant_spec(path: str | Path):
+    """The checkpoint's int4 layout (molmo_model.quantize.QuantSpec) when its config.json has
+    a `quantization_config`, else None. Raises CheckpointError for a layout we cannot load."""
+    hf = json.loads((Path(path) / "config.json").read_text())
+    if hf.get("quantization_config") is None:
+        return None
+    from molmo_model.quantize import QuantSpec
+
+    try:
+        return QuantSpec.from_hf(hf["quantization_config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_checkpoint(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
     with_tokenizer: bool = True,
 ):
-    """Returns (model, config, tokenizer or None). Strict about tensor names and shapes."""
+    """Returns (model, config, tokenizer or None). Strict about tensor names and shapes.
+    An int4 checkpoint (`molmo quantize`) loads dequantized: the weights vLLM's kernels use."""
     from molmo_model.tokenizer import MolmoTokenizer
 
     path = Path(path)
@@ -157,7 +185,17 @@ def load_checkpoint(
         model = MolmoForCausalLM(config, im_patch_id=_tokenizer_ids(tokenizer))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     weights = dict(iter_weights(path))
-    check_state_dict(expected, {k: v.shape for k, v in weights.items()}, str(path))
+    spec = quant_spec(path)
+    if spec is None:
+        check_state_dict(expected, {k: v.shape for k, v in weights.items()}, str(path))
+    else:  # int4 (molmo_model/quantize.py): checked as stored, then dequantized
+        from molmo_model import quantize
+
+        expected, kinds = quantize.quantized_shapes(expected, spec)
+        wrong = quantize.dtype_problems(kinds, {k: v.dtype for k, v in weights.items()})
+        wrong += quantize.g_idx_problems(weights, spec)
+        check_state_dict(expected, {k: v.shape for k, v in weights.items()}, str(path), wrong)
+        weights = quantize.dequantize_state_dict(weights)
     if dtype is not None:
         weights = {k: v.to(dtype) for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)

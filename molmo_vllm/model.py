@@ -40,6 +40,13 @@ time for SiluAndMul: a swapped layer would need every adapter's lora_B swapped t
 vision tower and connector are plain PyTorch (molmo_model.vision) and take no adapters in
 vLLM: adapters of them are merged into a checkpoint instead (`molmo export --merge-lora`).
 
+int4 checkpoints (`molmo quantize`, molmo_model/quantize.py: GPTQ's layout, named in
+config.json's `quantization_config`): vLLM's GPTQ method gives the decoder blocks' linear
+layers qweight/qzeros/scales parameters (its CPU WNA16 kernel here, Marlin on CUDA); the
+expected table then lists those four tensors per layer instead of `.weight` (g_idx is checked
+to be the trivial grouping and not loaded: the kernels have no activation order), and
+ff_proj's halves are its columns there. The head, embeddings and vision tower stay float.
+
 The model supports vLLM's `mm_device_do_normalize` (so vLLM turns it on by default): the
 processor then sends raw uint8 crops and `embed_multimodal` normalises them on the device
 with the checkpoint's mean/std; float32 crops (the exact path) are taken as they are.
@@ -91,6 +98,7 @@ from vllm.sequence import IntermediateTensors
 
 from molmo_model.config import LLMConfig, MolmoConfig
 from molmo_model.fast_preprocessing import normalize_uint8
+from molmo_model.quantize import QuantSpec, dtype_problems, g_idx_problems, quantized_shapes
 from molmo_model.vision import MolmoVisionBackbone, add_image_features
 from molmo_vllm.config import molmo_config_of
 from molmo_vllm.processor import (
@@ -316,16 +324,28 @@ def vllm_param_name(ai2_name: str) -> str:
 
 
 def _is_ff_proj(ai2_name: str) -> bool:
-    return ai2_name.startswith("model.transformer.blocks.") and ai2_name.endswith(".ff_proj.weight")
+    return ai2_name.startswith("model.transformer.blocks.") and ".ff_proj." in ai2_name
 
 
-def expected_checkpoint_shapes(config: MolmoConfig) -> dict[str, torch.Size]:
-    """Ai2 name -> shape, from the PyTorch reference model built on the meta device."""
+def expected_checkpoint_shapes(
+    config: MolmoConfig, quant: QuantSpec | None = None
+) -> dict[str, torch.Size]:
+    """Ai2 name -> shape, from the PyTorch reference model built on the meta device; for an
+    int4 checkpoint (`quant`), the quantized layers' qweight/qzeros/scales/g_idx instead of
+    their `.weight` (molmo_model/quantize.py)."""
     from molmo_model.model import MolmoForCausalLM as ReferenceModel
 
     with torch.device("meta"):
         ref = ReferenceModel(config)
-    return {k: v.shape for k, v in ref.state_dict().items()}
+    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    return shapes if quant is None else quantized_shapes(shapes, quant)[0]
+
+
+def checkpoint_quant_spec(hf_config: object) -> QuantSpec | None:
+    """The int4 layout named by config.json's `quantization_config` (None: a float checkpoint;
+    an online method such as `--quantization fp8` leaves the checkpoint's tensors float)."""
+    qc = getattr(hf_config, "quantization_config", None)
+    return None if qc is None else QuantSpec.from_hf(dict(qc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,15 +451,28 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA, SupportsPP):
         mis-shaped tensor."""
         from molmo_model.checkpoint import check_state_dict
 
+        quant = checkpoint_quant_spec(self.config)
         expected = expected_checkpoint_shapes(self.molmo_config)
+        kinds: dict[str, str] = {}  # int4 tensors: "int32" or "float"
+        if quant is not None:
+            expected, kinds = quantized_shapes(expected, quant)
         params = dict(self.named_parameters())
         found: dict[str, torch.Size] = {}
+        wrong_dtypes: list[str] = []
         tables: dict[str, torch.Tensor] = {}
         loaded: set[str] = set()
         for name, w in weights:
             found[name] = w.shape
             if name not in expected or tuple(expected[name]) != tuple(w.shape):
                 continue  # reported below
+            if name in kinds:
+                problems = dtype_problems(kinds, {name: w.dtype})
+                if name.endswith(".g_idx") and not problems:
+                    # vLLM's GPTQ kernels have no g_idx (no activation order): check, not load.
+                    problems = g_idx_problems({name: w}, quant)
+                wrong_dtypes += problems
+                if problems or name.endswith(".g_idx"):
+                    continue
             if name in (_EMBEDDING, _NEW_EMBEDDING):
                 tables[name] = w
                 continue
@@ -452,13 +485,15 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA, SupportsPP):
                 raise ValueError(f"checkpoint tensor {name} has no parameter {target}")
             p = params[target]
             if _is_ff_proj(name):
-                x_half, gate_half = w.chunk(2, dim=0)  # each [mlp_hidden, d]; TP shards each
+                # Float weight [2h, d]: the halves are rows. int4 qweight [d/8, 2h], scales
+                # [groups, 2h], qzeros [groups, 2h/8]: the halves are columns.
+                x_half, gate_half = w.chunk(2, dim=0 if name.endswith(".weight") else 1)
                 p.weight_loader(p, x_half, 0)
                 p.weight_loader(p, gate_half, 1)
             else:
                 getattr(p, "weight_loader", default_weight_loader)(p, w)
             loaded.add(target)
-        check_state_dict(expected, found, "given to vLLM")
+        check_state_dict(expected, found, "given to vLLM", wrong_dtypes)
         wte = params["transformer.wte.weight"]
         wte.weight_loader(wte, torch.cat([tables[_EMBEDDING], tables[_NEW_EMBEDDING]], dim=0))
         loaded.add("transformer.wte.weight")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from server.config import EXECUTOR_BACKENDS, STRUCTURED_OUTPUTS_BACKENDS, ServerConfig
-from server.engine import check_parallel
+from server.engine import check_parallel, check_quantization
 
 DEFAULT_PRESET = "tiny"
 # The project's trained demo model (`molmo train --preset demo-gpu`; see its README.md).
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pixel-identical to Ai2's preprocessing; README: Image preprocessing)",
     )
     e.add_argument("--dtype", default=d.dtype)
+    e.add_argument("--quantization", help="vLLM's quantization method, e.g. fp8 (GPU only; online, "
+                   "from a float checkpoint); an int4 checkpoint (molmo quantize) needs none")  # fmt: skip
     e.add_argument("--gpu-memory-utilization", type=float)
     e.add_argument("--seed", type=int, default=d.seed)
     e.add_argument("--disable-log-stats", action="store_true")
@@ -220,6 +222,7 @@ def serve(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
         check_parallel(config)
+        check_quantization(config)
     except ValueError as e:
         print(f"molmo serve: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class ServerConfig:
     enforce_eager: bool = False  # no graph capture / compilation (fast start, CPU tests)
     fast_preprocessing: bool = False  # uint8 crops normalized on the device (default: exact)
     dtype: str = "auto"
+    quantization: str | None = None  # vLLM's method (fp8: GPU); None: what config.json says
     gpu_memory_utilization: float | None = None
     seed: int = 0
     disable_log_stats: bool = False
@@ -150,5 +151,7 @@ class ServerConfig:
                                  "backend, not outlines")  # fmt: skip
             if self.structured_outputs_backend == "auto":
                 self.structured_outputs_backend = "xgrammar"  # vLLM allows the option with a named backend only
+        if self.quantization is not None and not self.quantization.strip():
+            raise ValueError("quantization must not be empty")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
