@@ -20,7 +20,9 @@ class MolmoHFConfig(PretrainedConfig):
     """config.json of a Molmo checkpoint as a transformers config (model_type "molmo").
 
     Holds every field as given (our vision / geometry extras included); LLM fields missing
-    from the file get `LLMConfig`'s defaults (Molmo-7B-D).
+    from the file get `LLMConfig`'s defaults (Molmo-7B-D). `quantization_config` (an int4
+    checkpoint of `molmo quantize`) is one of the fields kept: vLLM picks its GPTQ method
+    from it (tests/test_vllm_weights.py checks that it does).
     """
 
     model_type = "molmo"
