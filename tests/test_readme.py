@@ -65,6 +65,8 @@ SMALL: dict[str, tuple[str, list[str]]] = {
     # Parsed, then the app is built without an engine: the adapter is checked against the base.
     "molmo serve --model /tmp/tiny --lora-modules pets=runs/pets/adapter --max-lora-rank 8": ("serve-args", []),
     "molmo export --merge-lora --model /tmp/tiny --lora runs/pets/adapter --out runs/pets/merged": ("run", []),
+    "molmo quantize --model models/molmo-demo --bits 4 --group-size 64 --out runs/demo-int4": ("run", []),
+    "molmo serve --model runs/demo-int4": ("serve-args", []),
 }  # fmt: skip
 
 # Commands of other subcommands, by prefix: they need a running server, an image of the
@@ -162,6 +164,7 @@ def test_readme_commands_run_at_small_sizes(tmp_path):
     assert (tmp_path / "runs" / "mine" / "model" / "eval_val.json").exists()
     assert (tmp_path / "runs" / "pets" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "pets" / "merged" / "config.json").exists()
+    assert "quantization_config" in (tmp_path / "runs" / "demo-int4" / "config.json").read_text()
 
 
 def test_readme_python_blocks_compile():
