@@ -9,6 +9,7 @@ Saving is atomic: files are written to a temporary sibling folder that is rename
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -113,18 +114,12 @@ def save_checkpoint(
 ) -> Path:
     """Writes config.json, model*.safetensors and the tokenizer files to out_dir, atomically."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     dtype = dtype or cfg.torch_dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        state = {
-            k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
-        }
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    with atomic_folder(out) as tmp:
         write_weights(state, tmp, max_shard_bytes)
         hf = cfg.to_hf_dict()
         hf["torch_dtype"] = dtype
@@ -133,7 +128,22 @@ def save_checkpoint(
             tokenizer.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        # mkdtemp makes a private (0700) folder: give the checkpoint ordinary permissions.
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into; when the block ends it takes `out`'s place
+    (an existing `out` is replaced only then), with ordinary permissions. On an error it is
+    removed and `out` is left as it was. Every folder this project writes goes through here."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        # mkdtemp makes a private (0700) folder: give it ordinary permissions.
+        umask = os.umask(0)
+        os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
@@ -149,7 +159,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def quant_spec(path: str | Path):

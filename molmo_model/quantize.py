@@ -36,9 +36,7 @@ Plain torch; no vLLM import.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,7 +314,7 @@ def quantize_checkpoint(
     decoder layers, every other tensor and the scales in `dtype`, config.json with
     `quantization_config` and `torch_dtype` = dtype (vLLM runs GPTQ in float16 / bfloat16
     only), the tokenizer files and train_config.json. Raises ValueError for a bad input, naming it."""
-    from molmo_model.checkpoint import iter_weights, quant_spec, write_weights
+    from molmo_model.checkpoint import atomic_folder, iter_weights, quant_spec, write_weights
     from molmo_model.config import MolmoConfig
     from molmo_model.tokenizer import MolmoTokenizer
 
@@ -338,24 +336,10 @@ def quantize_checkpoint(
     hf = json.loads((src / "config.json").read_text())
     hf["torch_dtype"] = dtype
     hf["quantization_config"] = spec.to_hf()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write_weights(qstate, tmp)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         MolmoTokenizer.from_dir(src).save(tmp)
         if (src / "train_config.json").is_file():  # the data it learned from (molmo eval reads it)
             shutil.copy(src / "train_config.json", tmp / "train_config.json")
-        # mkdtemp makes a private (0700) folder: give the checkpoint ordinary permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
