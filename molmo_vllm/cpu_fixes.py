@@ -72,13 +72,21 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
-def _lora_fixed_upstream() -> bool:
-    """Whether vLLM's own shrink op already gives a -1 row no update."""
+_UPSTREAM: dict = {}  # vLLM's own ops, once patch_lora_ops has replaced them
+
+
+def upstream_op(name: str):
+    """vLLM's own `name` op (bgmv_shrink, ...), whether or not the fix is installed."""
     from vllm.lora.ops.torch_ops import lora_ops
 
+    return _UPSTREAM.get(name) or getattr(lora_ops, name)
+
+
+def _lora_fixed_upstream() -> bool:
+    """Whether vLLM's own shrink op already gives a -1 row no update."""
     weights = torch.ones(2, 1, 1, 1)
     out = torch.zeros(1, 1)
-    lora_ops.bgmv_shrink(torch.ones(1, 1), weights, out, torch.tensor([-1]), 1.0)
+    upstream_op("bgmv_shrink")(torch.ones(1, 1), weights, out, torch.tensor([-1]), 1.0)
     return bool(out.abs().sum() == 0)
 
 
@@ -126,6 +134,8 @@ def patch_lora_ops() -> None:
     from vllm.lora.punica_wrapper import punica_cpu
 
     fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+    for name in fixed:
+        _UPSTREAM.setdefault(name, getattr(lora_ops, name))
     for module in (lora_ops, torch_ops, punica_cpu):  # the sgmv_* ops call lora_ops' globals
         for name, fn in fixed.items():
             if hasattr(module, name):
