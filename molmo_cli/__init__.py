@@ -4,6 +4,7 @@
     molmo serve [--model DIR] ...           OpenAI-compatible server (server/)
     molmo train ...                         train with the paper's recipe (training/)
     molmo eval --model DIR ...              pointing / counting / clock accuracy (training/)
+    molmo export --merge-lora ...           a LoRA adapter merged into a full checkpoint (molmo_model)
     molmo bench serve|compare ...           load benchmark of any endpoint (molmo_bench/)
     molmo point IMAGE "red circles"         points from a running server (clients/)
     molmo chat IMAGE "question"             one streamed answer from a running server
@@ -52,6 +53,12 @@ def _eval(argv: list[str]) -> int:
     from training.cli import evaluate
 
     return evaluate(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from molmo_cli.export import export
+
+    return export(argv)
 
 
 def _bench(argv: list[str]) -> int:
@@ -103,6 +110,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": _serve,
     "train": _train,
     "eval": _eval,
+    "export": _export,
     "bench": _bench,
     "point": _point,
     "chat": _chat,

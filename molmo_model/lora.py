@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +136,12 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):
+            # A bfloat16 base with float32 adapters. Under autocast the adapter's matmuls run in
+            # the autocast dtype anyway, and a float32 copy would only make dropout keep a
+            # float32 mask of the input for backward.
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return out + (update * self.scaling).to(out.dtype)
 
     @torch.no_grad()
@@ -240,29 +242,18 @@ def adapter_config_dict(config: LoRAConfig, base_model: str = "") -> dict:
 
 def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | Path, base_model: str = "",
                  extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
-    """Writes the adapter folder atomically (a temporary sibling renamed at the end)."""
+    """Writes the adapter folder atomically (molmo_model.checkpoint.atomic_folder)."""
+    from molmo_model.checkpoint import atomic_folder
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no LoRA modules to save")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(config, base_model), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

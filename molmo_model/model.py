@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import annotation_attention
 from molmo_model.config import LLMConfig, MolmoConfig
@@ -174,6 +175,9 @@ class MolmoForCausalLM(nn.Module):
         self.im_patch_id = (
             im_patch_id if im_patch_id is not None else config.llm.embedding_size + 2
         )
+        # Training only: recompute each decoder block's activations during backward instead of
+        # keeping them (the same gradients; less memory, one more forward of the decoder).
+        self.grad_checkpointing = False
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> MolmoForCausalLM:
         """Random weights for fresh models: normal(std) matrices, zero biases, unit norms."""
@@ -245,8 +249,12 @@ class MolmoForCausalLM(nn.Module):
                 return torch.where(response_mask[..., None], dropped, t)
 
         tr = self.model.transformer
+        recompute = self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(tr.blocks):
-            x = block(x, cos, sin, segment_ids, cache, i, dropout)
+            if recompute:  # RNG state is replayed, so dropout masks are the same in the recompute
+                x = checkpoint(block, x, cos, sin, segment_ids, None, i, dropout, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, segment_ids, cache, i, dropout)
         if cache is not None:
             cache.length += s
         logits = tr.ff_out(tr.ln_f(x))

@@ -133,7 +133,8 @@ def _apply_flags(d: dict[str, Any], a: argparse.Namespace, own_recipe: bool, lor
     for value, (section, key) in ((a.val_data, ("data", "val_path")), (a.init_from, ("model", "init_from")),
                                   (a.out, ("run", "out_dir")), (a.steps, ("run", "steps")),
                                   (a.batch_size, ("data", "batch_size")), (a.max_len, ("data", "max_len")),
-                                  (a.time_limit, ("run", "time_limit_s"))):  # fmt: skip
+                                  (a.time_limit, ("run", "time_limit_s")),
+                                  (a.grad_checkpointing or None, ("run", "grad_checkpointing"))):  # fmt: skip
         if value is not None:
             sections[section][key] = value
     if a.resume:
@@ -154,6 +155,8 @@ def train(argv: list[str]) -> int:
     p.add_argument("--lr-scale", type=float, help="multiply every component's learning rate")
     p.add_argument("--max-len", type=int, help="tokens per packed sequence, image included (data.max_len)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop (and export) after this long")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in the "
+                   "backward pass: less activation memory, ~1/3 more compute (run.grad_checkpointing)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out (its config must not change)")
     p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="a named run (--list-presets)")
     p.add_argument("--config", help="a .toml or .json TrainConfig (training/config.py)")

@@ -144,6 +144,7 @@ class RunConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     parallel: str = "ddp"  # "ddp" or "fsdp" when launched with torchrun (WORLD_SIZE > 1)
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    grad_checkpointing: bool = False  # recompute each decoder block in backward (same gradients, less memory)
     response_dropout: float = 0.0  # residual dropout on response tokens (paper's pre-training)
     save_dtype: str = "float32"  # dtype of the final served model (checkpoints stay float32)
     export_dir: str | None = None  # also write the final served model here ("" = nowhere else)
@@ -229,6 +230,7 @@ ALIASES: dict[tuple[str, str], tuple[str, str]] = {
 RESUMABLE_CHANGES = frozenset({
     "run.resume", "run.progress", "run.time_limit_s", "run.log_every", "run.save_every",
     "run.keep_checkpoints", "run.eval_every", "run.eval_examples", "run.threads", "run.export_dir",
+    "run.grad_checkpointing",
     "data.num_workers",
 })  # fmt: skip
 

@@ -69,11 +69,16 @@ class MemoryEstimate:
         return self.frozen_bytes + self.trainable_bytes + self.activation_bytes + self.overhead_bytes
 
     def describe(self) -> str:
-        """Lines for the training log."""
-        return (f"memory (estimate, training/memory.py): frozen weights {self.frozen_bytes / GIB:.2f} GiB, "
-                f"trainable weights + grads + AdamW {self.trainable_bytes / GIB:.3f} GiB, activations "
-                f"~{self.activation_bytes / GIB:.2f} GiB for {self.tokens} tokens a micro-batch, "
-                f"+ {self.overhead_bytes / GIB:.0f} GiB runtime = ~{self.total_bytes / GIB:.1f} GiB")  # fmt: skip
+        """A line for the training log."""
+        runtime = f" + {_size(self.overhead_bytes)} runtime" if self.overhead_bytes else ""
+        return (f"memory (an estimate, training/memory.py): frozen weights {_size(self.frozen_bytes)}, "
+                f"trainable weights + grads + AdamW {_size(self.trainable_bytes)}, activations "
+                f"~{_size(self.activation_bytes)} for {self.tokens} tokens a micro-batch{runtime}: "
+                f"~{_size(self.total_bytes)}")  # fmt: skip
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def parameter_counts(config: MolmoConfig, lora: LoRAConfig | None) -> tuple[int, int]:

@@ -151,9 +151,10 @@ def with_lora(cfg: TrainConfig, resume_from: Path | None, tokenizer: MolmoTokeni
     return model
 
 
-def trainable_summary(model: nn.Module, cfg: TrainConfig, batch_images: int) -> str:
+def trainable_summary(model: nn.Module, cfg: TrainConfig, batch_images: int, device: torch.device) -> str:
     """What a LoRA run trains and what it should need: the trainable parameter count (and its
-    share of all), and training/memory.py's estimate for this config."""
+    share of all), and training/memory.py's estimate for this config (with the CUDA runtime's
+    overhead on a GPU)."""
     params = list(unwrap(model).parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -161,8 +162,11 @@ def trainable_summary(model: nn.Module, cfg: TrainConfig, batch_images: int) -> 
     head = (f"LoRA rank {adapter.rank} (alpha {adapter.alpha:g}, dropout {adapter.dropout:g}) on "
             f"{','.join(adapter.targets)}: {trainable:,} trainable parameters of {total:,} "
             f"({100 * trainable / total:.3f}%)")  # fmt: skip
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     est = estimate_memory(unwrap(model).config, adapter, cfg.lora.base_dtype, batch_images, cfg.data.max_len,
-                          bf16_autocast=cfg.run.precision != "fp32")  # fmt: skip
+                          bf16_autocast=bf16, grad_checkpointing=cfg.run.grad_checkpointing)  # fmt: skip
+    if device.type != "cuda":
+        est.overhead_bytes = 0
     return head + "\n" + est.describe()
 
 
@@ -252,6 +256,7 @@ def setup(cfg: TrainConfig) -> Run:
     resume_from = preflight(cfg, preprocessor, d.main)
     model, tokenizer, config = build_model(cfg, resume_from, (tokenizer, config))
     model.to(d.device).train()
+    model.grad_checkpointing = cfg.run.grad_checkpointing
     extras = cfg.extras.build(cfg.data, preprocessor)
     losses = [loss for x in extras if (loss := x.bind(model, d.device, cfg.run.seed)) is not None]
     if losses and fsdp:
@@ -288,7 +293,7 @@ def setup(cfg: TrainConfig) -> Run:
         print(f"training {n_params or '?'} parameters on {d.world_size} x {d.device.type}, "
               f"steps {start}..{cfg.run.steps}, global batch {batches.global_batch} images, out {run_dir}")  # fmt: skip
         if cfg.lora.enabled:
-            print(trainable_summary(model, cfg, cfg.data.batch_size), flush=True)
+            print(trainable_summary(model, cfg, cfg.data.batch_size, d.device), flush=True)
     return Run(cfg, d, run_dir, fsdp, tokenizer, config, model, optimizer, scheduler, losses, batches,
                make_loader(batches, cfg), _autocast(cfg, d), start, log)  # fmt: skip
 
