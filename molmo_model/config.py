@@ -66,6 +66,21 @@ class VisionConfig:
         """Width of the features entering the connector (concatenated ViT layers)."""
         return self.image_emb_dim * len(self.vit_layers)
 
+    @property
+    def block_shape(self):
+        """The shape of one ViT block (molmo_model.vision.ViTBlockShape), shared with Molmo 2."""
+        from molmo_model.vision import ViTBlockShape
+
+        return ViTBlockShape(
+            width=self.image_emb_dim,
+            num_heads=self.image_num_heads,
+            num_kv_heads=self.image_num_key_value_heads,
+            head_dim=self.image_head_dim,
+            mlp_dim=self.image_mlp_dim,
+            activation=self.image_mlp_activations,
+            norm_eps=self.image_norm_eps,
+        )
+
 
 @dataclass
 class PreprocessConfig:

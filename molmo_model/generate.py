@@ -69,7 +69,32 @@ def generate(
 
     cache = KVCache.empty(model.config.llm.num_hidden_layers)
     embeds = model.embed(ids, images, masks, order)
-    logits = model(ids, cache=cache, inputs_embeds=embeds).logits[:, -1]  # [1, V]
+    return generate_from_embeds(
+        model, ids, embeds, cache, max_new_tokens, eos_id, temperature, top_k, top_p, gen,
+        return_logprobs,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def generate_from_embeds(
+    model: Any,
+    ids: torch.Tensor,
+    embeds: torch.Tensor,
+    cache: KVCache,
+    max_new_tokens: int,
+    eos_id: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    gen: torch.Generator,
+    return_logprobs: bool,
+    **prefill_kwargs: Any,
+) -> GenerationResult:
+    """The decode loop of either Molmo family: prefill the prompt's embeddings [1, S, d]
+    (ids [1, S]) into an empty `cache`, then one token at a time. `model(ids, cache=,
+    inputs_embeds=, **prefill_kwargs).logits` is all it asks of the model."""
+    device = ids.device
+    logits = model(ids, cache=cache, inputs_embeds=embeds, **prefill_kwargs).logits[:, -1]  # [1, V]
     result = GenerationResult(tokens=[])
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(logits.float(), dim=-1)[0]

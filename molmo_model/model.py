@@ -82,22 +82,22 @@ class KVCache:
         return cls([None] * n_layers, [None] * n_layers)
 
 
-class MolmoBlock(nn.Module):
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.n_heads, self.n_kv, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
-        d = cfg.hidden_size
-        self.att_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
-        self.attn_out = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.attn_norm = RMSNorm(d, cfg.layer_norm_eps)
-        self.ff_norm = RMSNorm(d, cfg.layer_norm_eps)
-        self.ff_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+class CausalSelfAttention:
+    """The decoder's attention, shared by Molmo's block (projections on the block itself) and
+    Molmo 2's `self_attn` module: a fused QKV projection `att_proj`, RoPE, GQA, a causal mask
+    (or annotation segments, or a KV cache), `attn_out`. A host module sets `att_proj`,
+    `attn_out`, `n_heads`, `n_kv`, `head_dim`; `normalize_qk` is where Qwen3 / OLMo norm
+    queries and keys (Molmo has none)."""
+
+    att_proj: nn.Linear
+    attn_out: nn.Linear
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, S, H*D], k [B, S, Hkv*D] before RoPE."""
+        return q, k
 
     def attention(
         self,
@@ -107,11 +107,15 @@ class MolmoBlock(nn.Module):
         segment_ids: torch.Tensor | None,
         cache: KVCache | None,
         layer: int,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """attn_mask: an explicit bool mask [B, 1, S, T] (True = may attend) replacing the
+        causal one, T counting the cached tokens; Molmo 2's bidirectional image prefill."""
         b, s, _ = x.shape  # [B, S, d]
         h, kv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = self.att_proj(x)
         q, k, v = qkv.split([h * hd, kv * hd, kv * hd], dim=-1)
+        q, k = self.normalize_qk(q, k)
         q = q.view(b, s, h, hd).transpose(1, 2)  # [B, H, S, D]
         k = k.view(b, s, kv, hd).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(b, s, kv, hd).transpose(1, 2)
@@ -129,18 +133,45 @@ class MolmoBlock(nn.Module):
             cache.keys[layer], cache.values[layer] = k, v
             # New queries see everything cached plus the new keys up to themselves.
             t = k.shape[2]
-            mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = attn_mask
+            if mask is None:
+                mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kv)
+        elif attn_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=h != kv)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kv)
         return self.attn_out(out.transpose(1, 2).reshape(b, s, h * hd))
 
+
+def gated_mlp(ff_proj: nn.Linear, ff_out: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Molmo's fused SwiGLU (both families): ff_proj's output halves are (x, gate) and the
+    activation is x * silu(gate)."""
+    up, gate = ff_proj(x).chunk(2, dim=-1)
+    return ff_out(up * F.silu(gate))
+
+
+class MolmoBlock(CausalSelfAttention, nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        d = cfg.hidden_size
+        self.att_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.qkv_bias)
+        self.attn_out = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.attn_norm = RMSNorm(d, cfg.layer_norm_eps)
+        self.ff_norm = RMSNorm(d, cfg.layer_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+
     def forward(self, x, cos, sin, segment_ids=None, cache=None, layer=0, dropout=None):
         drop = dropout if dropout is not None else (lambda t: t)
         x = x + drop(self.attention(self.attn_norm(x), cos, sin, segment_ids, cache, layer))
-        # ff_proj's output halves are (x, gate); the activation is x * silu(gate).
-        up, gate = self.ff_proj(self.ff_norm(x)).chunk(2, dim=-1)
-        return x + drop(self.ff_out(up * F.silu(gate)))
+        return x + drop(gated_mlp(self.ff_proj, self.ff_out, self.ff_norm(x)))
 
 
 class MolmoTransformer(nn.Module):
