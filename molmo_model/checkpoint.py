@@ -1,6 +1,11 @@
 """Checkpoints in Ai2's layout: safetensors weights named as in Molmo's releases, an HF
 `config.json` (with our vision/geometry extras) and the tokenizer files, in one folder.
 
+Both model families load here: `config.json`'s model_type / architectures say which
+(`molmo`: MolmoForCausalLM, `molmo2`: Molmo2ForConditionalGeneration, molmo_model/molmo2/).
+Each family's modules carry Ai2's names, so the weight-name table is the model's own
+`state_dict()`, checked the same way for both.
+
 Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
 Saving is atomic: files are written to a temporary sibling folder that is renamed at the end.
 
@@ -40,11 +45,66 @@ def weight_files(path: str | Path) -> list[Path]:
 
 
 def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (Ai2 name, tensor) for every tensor in a checkpoint folder (sharded or not)."""
+    """Yields (Ai2 name, tensor) for every tensor in a checkpoint folder (sharded or not).
+    With a shard index, a tensor the index places in another file (or lists but no file has)
+    is an error naming it."""
+    index_file = Path(path) / WEIGHTS_INDEX
+    listed = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else None
+    seen: set[str] = set()
     for f in weight_files(path):
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
+                if listed is not None and listed.get(name, f.name) != f.name:
+                    raise CheckpointError(
+                        f"{path}: {name} is in {f.name} but {WEIGHTS_INDEX} says {listed[name]}"
+                    )
+                seen.add(name)
                 yield name, sf.get_tensor(name)
+    if listed is not None and set(listed) - seen:
+        raise CheckpointError(
+            f"{path}: {WEIGHTS_INDEX} lists tensors no shard holds: " + ", ".join(sorted(set(listed) - seen))
+        )
+
+
+MOLMO, MOLMO2 = "molmo", "molmo2"
+_FAMILIES = {  # model_type -> (family, architecture)
+    "molmo": (MOLMO, "MolmoForCausalLM"),
+    "molmo2": (MOLMO2, "Molmo2ForConditionalGeneration"),
+}
+
+
+def model_family(hf: dict) -> str:
+    """Which Molmo a config.json describes, from model_type (or, without one, architectures).
+    An official Molmo config without model_type is Molmo."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        archs = hf.get("architectures") or ["MolmoForCausalLM"]
+        by_arch = {arch: fam for fam, arch in _FAMILIES.values()}
+        for arch in archs:
+            if arch in by_arch:
+                return by_arch[arch]
+        raise CheckpointError(f"config.json architectures {archs} is no Molmo model we know")
+    if model_type not in _FAMILIES:
+        raise CheckpointError(
+            f"config.json model_type {model_type!r} is not supported (supported: {sorted(_FAMILIES)})"
+        )
+    return _FAMILIES[model_type][0]
+
+
+def load_config(path: str | Path):
+    """MolmoConfig or Molmo2Config, by the family config.json names."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    hf = json.loads(p.read_text())
+    if model_family(hf) == MOLMO2:
+        from molmo_model.molmo2.config import Molmo2Config
+
+        try:
+            return Molmo2Config.from_hf_dict(hf)
+        except ValueError as e:
+            raise CheckpointError(f"{p}: {e}") from None
+    return MolmoConfig.from_hf_dict(hf)
 
 
 def check_state_dict(
@@ -105,14 +165,15 @@ def write_weights(
 
 
 def save_checkpoint(
-    model: MolmoForCausalLM,
+    model: torch.nn.Module,
     out_dir: str | Path,
     tokenizer=None,
     dtype: str | None = None,
     max_shard_bytes: int = 4 << 30,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Writes config.json, model*.safetensors and the tokenizer files to out_dir, atomically."""
+    """Writes config.json, model*.safetensors and the tokenizer files to out_dir, atomically.
+    Either family: the model's `config.to_hf_dict()` and `state_dict()` are Ai2's layout."""
     out = Path(out_dir)
     cfg = model.config
     dtype = dtype or cfg.torch_dtype
@@ -181,20 +242,30 @@ def load_checkpoint(
     dtype: torch.dtype | None = torch.float32,
     with_tokenizer: bool = True,
 ):
-    """Returns (model, config, tokenizer or None). Strict about tensor names and shapes.
-    An int4 checkpoint (`molmo quantize`) loads dequantized: the weights vLLM's kernels use."""
+    """Returns (model, config, tokenizer or None) for either family (model_family). Strict
+    about tensor names and shapes. An int4 Molmo checkpoint (`molmo quantize`) loads
+    dequantized: the weights vLLM's kernels use. Molmo 2 returns no tokenizer yet."""
     from molmo_model.tokenizer import MolmoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json")
-    config = MolmoConfig.load(path)
-    tokenizer = MolmoTokenizer.from_dir(path) if with_tokenizer else None
-    with torch.device("meta"):
-        model = MolmoForCausalLM(config, im_patch_id=_tokenizer_ids(tokenizer))
+    config = load_config(path)
+    spec = quant_spec(path)
+    if isinstance(config, MolmoConfig):
+        tokenizer = MolmoTokenizer.from_dir(path) if with_tokenizer else None
+        with torch.device("meta"):
+            model = MolmoForCausalLM(config, im_patch_id=_tokenizer_ids(tokenizer))
+    else:  # Molmo 2; its tokenizer comes with its processor, not here yet
+        from molmo_model.molmo2.model import Molmo2ForConditionalGeneration
+
+        if spec is not None:
+            raise CheckpointError(f"{path}: quantized Molmo 2 checkpoints are not supported")
+        tokenizer = None
+        with torch.device("meta"):
+            model = Molmo2ForConditionalGeneration(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     weights = dict(iter_weights(path))
-    spec = quant_spec(path)
     if spec is None:
         check_state_dict(expected, {k: v.shape for k, v in weights.items()}, str(path))
     else:  # int4 (molmo_model/quantize.py): checked as stored, then dequantized
