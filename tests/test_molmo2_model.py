@@ -329,3 +329,11 @@ def test_decoder_block_against_eager_math():
         up, gate = z.chunk(2, -1)
         want = x1 + (up * gate * torch.sigmoid(gate)) @ block.mlp.ff_out.weight.T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_imports_without_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, molmo_model.molmo2.model, molmo_model.checkpoint; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
