@@ -48,10 +48,12 @@ __all__ = [
     "ImageLayout",
     "MolmoPreprocessor",
     "ResizedView",
+    "choose_tiling",
     "image_grid",
     "image_layout",
     "image_token_count",
     "load_image",
+    "overlap_owner",
     "prompt_text",
     "select_grid",
     "to_rgb",
@@ -114,10 +116,21 @@ def select_grid(width: int, height: int, config: PreprocessConfig) -> tuple[int,
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
-    margin_px, window_px = config.margin_px, config.window_px  # 112, 224
-    grids = _candidate_grids(config.max_crops)
+    margin_px = config.margin_px  # 112
+    return choose_tiling(height - margin_px, width - margin_px, config.window_px, config.max_crops)
+
+
+def choose_tiling(height: int, width: int, window_px: int, max_crops: int) -> tuple[int, int]:
+    """(rows, cols) with rows*cols <= max_crops for an image of height x width px (already
+    reduced by the overlap margins; may be zero or negative) tiled by `window_px` windows.
+
+    The least up-scaling to fill grid * window_px wins; when every grid needs down-scaling,
+    the least down-scaling. Ties: the smaller grid, then fewer rows. Molmo and Molmo 2 share
+    this rule (Molmo: 224 px windows, 12 crops; Molmo 2: 266 px windows, 8 crops).
+    """
+    grids = _candidate_grids(max_crops)
     # float32 as in Ai2's code: it (rarely) changes which grid wins.
-    size = np.array([height - margin_px, width - margin_px], dtype=np.float32)
+    size = np.array([height, width], dtype=np.float32)
     with np.errstate(divide="ignore"):
         scales = (grids * window_px).astype(np.float32) / size  # [n_grids, 2]
     scale = scales.min(axis=1)  # [n_grids]
@@ -173,11 +186,17 @@ def _axis_owner(n_tiles: int, config: PreprocessConfig) -> tuple[np.ndarray, np.
     """For each pooled position along one axis of the high-res grid: which crop along that
     axis supplies it and at which pooled position inside that crop."""
     pool = config.pooling_size
-    lead = config.overlap_margins[0] // pool  # 2 pooled tokens
-    window = config.tokens_per_side - sum(config.overlap_margins) // pool  # 8
-    total = n_tiles * window + sum(config.overlap_margins) // pool
-    g = np.arange(total)
-    # The first crop also owns the leading margin, the last one the trailing margin.
+    lead, trail = (m // pool for m in config.overlap_margins)  # 2 pooled tokens each
+    window = config.tokens_per_side - lead - trail  # 8
+    return overlap_owner(n_tiles, lead, window, trail)
+
+
+def overlap_owner(n_tiles: int, lead: int, window: int, trail: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping crops every `window` units, each `lead + window + trail` long: for each of
+    the `n_tiles * window + lead + trail` positions along one axis, (crop, position inside
+    that crop). Each crop keeps its window; the first also its leading margin, the last its
+    trailing margin, so every position has exactly one owner."""
+    g = np.arange(n_tiles * window + lead + trail)
     crop = np.clip((g - lead) // window, 0, n_tiles - 1)
     return crop, g - crop * window
 
