@@ -324,3 +324,28 @@ def test_golden_covers_every_fixture_image():
     named = {n for c in GOLDEN["cases"] for n in c["images"]}
     assert named == {name for name, *_ in IMAGES}
     assert all(c["pixel_values_bitwise_equal_to_ours"] for c in GOLDEN["cases"])
+
+
+def test_the_molmo2_model_consumes_these_inputs(pre):
+    """The tensors feed molmo_model.molmo2 as they come: one <im_patch> per pooled row, crops
+    per image, token types; the tiny model's image ids are the release's, like the tokenizer's."""
+    from molmo_model.molmo2.config import molmo2_tiny
+    from molmo_model.molmo2.model import Molmo2ForConditionalGeneration
+
+    cfg = molmo2_tiny(vocab_size=151936)
+    assert cfg.token_ids["image_patch_id"] == IDS["<im_patch>"]
+    assert cfg.token_ids["low_res_image_start_token_id"] == IDS["<low_res_im_start>"]
+    torch.manual_seed(0)
+    model = Molmo2ForConditionalGeneration(cfg).eval()
+    x = pre.build_prompt(TWO_IMAGE_PROMPT, [named_image("square_378"), named_image("tiny_40x30")])
+    with torch.no_grad():
+        out = model(
+            x.input_ids[None],
+            pixel_values=x.pixel_values,
+            image_token_pooling=x.image_token_pooling,
+            image_grids=x.image_grids,
+            image_num_crops=x.image_num_crops,
+            token_type_ids=x.token_type_ids[None].long(),
+        )
+    assert out.logits.shape == (1, len(x.input_ids), 151936)
+    assert torch.isfinite(out.logits).all()
