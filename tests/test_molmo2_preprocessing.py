@@ -1,4 +1,4 @@
-"""Molmo 2 preprocessing (molmo_model/molmo2_preprocessing.py): tiling, token counts and
+"""Molmo 2 preprocessing (molmo_model/molmo2/preprocessing.py): tiling, token counts and
 layout derived here from the rules, normalisation, pooling indices, and Ai2's own numbers.
 
 How tests/golden/ai2_molmo2_preprocessing.json was made (once, outside the repository; none
@@ -39,7 +39,7 @@ from molmo2_fixtures import (
 )
 from PIL import Image
 
-from molmo_model.molmo2_preprocessing import (
+from molmo_model.molmo2.preprocessing import (
     Molmo2PreprocessConfig,
     Molmo2Preprocessor,
     molmo2_chat_pieces,
