@@ -37,9 +37,20 @@ for one image; "Image 1<|image|>Image 2<|image|>..." for several), then
 assistant turn is " <|im_start|>assistant\\n{a}" (a space first, as the template writes it). BOS is
 prepended: the tokenizer's bos_token, which the releases set to their EOS "<|im_end|>".
 
+Video (Ai2's Molmo2VideoProcessor; fidelity in tests/test_molmo2_golden.py): from a decoded
+video of T frames at fps, "uniform_last_frame" sampling picks every fps/max_fps-th frame (max_fps
+2) plus the last, or num_frames evenly spaced frames when the video is too long for that
+(`molmo2_video_frame_indices`); each frame is stretched whole to 378x378 as a global view is,
+27x27 patches pooled 3x3 into 9x9 = 81 tokens (no padding), patch indices frame*729 + patch.
+Timestamps are index / fps. The text replacing `<|video|>` (after any images, before the turns):
+per frame k, (" " if k > 0) + f"{t:.1f} " + <frame_start> <im_patch> x 81 <frame_end>.
+
     pre = Molmo2Preprocessor(Molmo2PreprocessConfig(), tokenizer)
     inputs = pre.build_prompt("What is this?", image)
     inputs.input_ids, inputs.pixel_values, inputs.image_token_pooling, ...
+    video = pre.preprocess_video(frames, fps)          # uint8 [T, H, W, 3]
+    inputs = pre.build_prompt("What happens?", video=video)
+    model(**inputs.model_inputs())
 """
 
 from __future__ import annotations
@@ -65,10 +76,13 @@ __all__ = [
     "Molmo2PreprocessConfig",
     "Molmo2Preprocessor",
     "Molmo2TokenIds",
+    "Molmo2VideoConfig",
+    "Molmo2VideoInputs",
     "molmo2_chat_pieces",
     "molmo2_image_layout",
     "molmo2_image_token_count",
     "molmo2_tiling",
+    "molmo2_video_frame_indices",
 ]
 
 ImageLike = Image.Image | bytes | str | os.PathLike
@@ -190,6 +204,54 @@ class Molmo2PreprocessConfig:
     def canvas_size(self, rows: int, cols: int) -> tuple[int, int]:
         """(height, width) in px the image is resized to for a rows x cols grid."""
         return rows * self.window_px + self.margin_px, cols * self.window_px + self.margin_px
+
+
+@dataclass(frozen=True)
+class Molmo2VideoConfig:
+    """Video sampling and layout; defaults are Ai2's Molmo2VideoProcessor / Molmo2Processor
+    values (video_preprocessor_config.json, processor_config.json). Frames use the image
+    config's crop size, patch size and normalisation."""
+
+    pooling_size: tuple[int, int] = (3, 3)  # 27x27 patches -> 9x9 tokens per frame
+    frame_sample_mode: str = "uniform_last_frame"
+    # Most frames sampled. Ai2 trained with 128; the released video_preprocessor_config.json's
+    # value has not been checked here.
+    num_frames: int = 128
+    max_fps: float = 2.0  # frames sampled per second of video, at most
+    use_col_tokens: bool = False  # <im_col> after each token row of a frame
+    use_frame_special_tokens: bool = True  # <frame_start>/<frame_end> (else <im_start>/<im_end>)
+
+    def __post_init__(self) -> None:
+        if self.frame_sample_mode != "uniform_last_frame":
+            raise ValueError(
+                f"frame_sample_mode={self.frame_sample_mode!r}: only 'uniform_last_frame' is supported"
+            )
+        if self.num_frames < 1 or self.max_fps <= 0:
+            raise ValueError(
+                f"num_frames must be >= 1 and max_fps > 0, got {self.num_frames}, {self.max_fps}"
+            )
+        if len(self.pooling_size) != 2 or min(self.pooling_size) < 1:
+            raise ValueError(f"pooling_size must be two positive ints, got {self.pooling_size}")
+
+    @classmethod
+    def from_hf(
+        cls,
+        video_preprocessor_config: Mapping[str, Any],
+        processor_config: Mapping[str, Any] | None = None,
+    ) -> Molmo2VideoConfig:
+        """From a release's video_preprocessor_config.json (and processor_config.json) dicts."""
+        pre, proc = dict(video_preprocessor_config), dict(processor_config or {})
+        base = cls()
+        return cls(
+            pooling_size=tuple(pre.get("pooling_size", base.pooling_size)),
+            frame_sample_mode=str(pre.get("frame_sample_mode", base.frame_sample_mode)),
+            num_frames=int(pre.get("num_frames") or base.num_frames),
+            max_fps=float(pre.get("max_fps") or base.max_fps),
+            use_col_tokens=bool(proc.get("video_use_col_tokens", base.use_col_tokens)),
+            use_frame_special_tokens=bool(
+                proc.get("use_frame_special_tokens", base.use_frame_special_tokens)
+            ),
+        )
 
 
 class TokenizerLike(Protocol):
@@ -363,6 +425,27 @@ def molmo2_image_layout(
     return Molmo2ImageLayout(rows, cols, grid, tokens, pooling)
 
 
+def molmo2_video_frame_indices(
+    total_frames: int, fps: float, config: Molmo2VideoConfig
+) -> np.ndarray:
+    """Which frames of a decoded video (total_frames at fps) Molmo 2 looks at, int64 [n]
+    ("uniform_last_frame"): all of them when there are at most 2; when the video is longer
+    than (num_frames - 1) / max_fps seconds, num_frames (at most all) evenly spaced from the
+    first to the last frame, truncated to integers; otherwise every fps / max_fps frames
+    (rounded half to even) from the first, with the last frame added when not already there."""
+    if total_frames < 1 or fps <= 0:
+        raise ValueError(f"a video needs frames and a positive fps, got {total_frames} at {fps}")
+    if total_frames <= 2:
+        return np.arange(total_frames, dtype=np.int64)
+    n, last = config.num_frames, total_frames - 1
+    if total_frames / fps > (n - 1) / config.max_fps:
+        return np.linspace(0, last, num=min(n, total_frames), endpoint=True).astype(np.int64)
+    steps = np.arange(0.0, last, fps / config.max_fps)  # float64, stop excluded
+    if np.round(steps[-1]) != last:
+        steps = np.append(steps, last)
+    return np.round(steps).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------
 # Pixels
 # ---------------------------------------------------------------------------------------
@@ -391,6 +474,24 @@ class Molmo2ImageInputs:
 
 
 @dataclass
+class Molmo2VideoInputs:
+    """One video's sampled frames, ready for the vision backbone."""
+
+    pixel_values_videos: torch.Tensor  # float32 [n_frames, 729, 588], each frame's whole picture
+    video_token_pooling: (
+        torch.Tensor
+    )  # int64 [n_frames * 81, 9], into the frames' patches (729 each)
+    video_grid: tuple[int, int, int]  # (n_frames, 9, 9): frames, pooled rows, pooled cols
+    timestamps: list[float]  # seconds, frame index / fps
+    frame_indices: list[int]  # into the frames given
+    tokens: list[int | str]  # the layout: token ids, and the "{t:.1f} " texts as strings
+
+    @property
+    def n_frames(self) -> int:
+        return self.pixel_values_videos.shape[0]
+
+
+@dataclass
 class Molmo2Inputs:
     """A whole prompt: what Ai2's Molmo2Processor returns for one example (no batch axis)."""
 
@@ -403,6 +504,23 @@ class Molmo2Inputs:
     image_grids: torch.Tensor  # int64 [n_images, 4]
     image_num_crops: torch.Tensor  # int64 [n_images]
     images: list[Molmo2ImageInputs] = field(default_factory=list)
+    # A video (at most one, never with images): the frames' tensors, as Ai2's processor names them.
+    pixel_values_videos: torch.Tensor | None = None  # float32 [n_frames, 729, 588]
+    video_token_pooling: torch.Tensor | None = None  # int64 [n_frames * 81, 9]
+    video_grids: torch.Tensor | None = None  # int64 [1, 3]
+    video: Molmo2VideoInputs | None = None
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors Molmo2ForConditionalGeneration.forward / generate take, by name
+        (input_ids and token_type_ids with a batch axis)."""
+        out = {"input_ids": self.input_ids[None], "token_type_ids": self.token_type_ids[None]}
+        if self.images:
+            out.update(pixel_values=self.pixel_values, image_token_pooling=self.image_token_pooling,
+                       image_grids=self.image_grids, image_num_crops=self.image_num_crops)  # fmt: skip
+        if self.video is not None:
+            out.update(pixel_values_videos=self.pixel_values_videos,
+                       video_token_pooling=self.video_token_pooling, video_grids=self.video_grids)  # fmt: skip
+        return out
 
 
 def _resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -424,8 +542,10 @@ class Molmo2Preprocessor:
         tokenizer: TokenizerLike,
         bos_token: str = DEFAULT_BOS_TOKEN,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        video_config: Molmo2VideoConfig | None = None,
     ) -> None:
         self.config = config
+        self.video_config = video_config if video_config is not None else Molmo2VideoConfig()
         self.tokenizer = tokenizer
         self.ids = Molmo2TokenIds.from_tokenizer(tokenizer, bos_token)
         self.max_pixels = max_pixels
@@ -462,6 +582,56 @@ class Molmo2Preprocessor:
             layout.rows, layout.cols,
         )  # fmt: skip
 
+    def preprocess_video(
+        self,
+        frames: np.ndarray | torch.Tensor | Sequence[Any],
+        fps: float,
+        sample: bool = True,
+    ) -> Molmo2VideoInputs:
+        """A decoded video, frames uint8 [T, H, W, 3] (RGB) at `fps`, -> `Molmo2VideoInputs`:
+        the frames `molmo2_video_frame_indices` picks (all of them with sample=False), each
+        stretched whole to crop_size x crop_size as an image's global view is (no tiling),
+        pooled pooling_size (3x3: 81 tokens a frame), timestamps index / fps."""
+        video = (
+            np.stack([np.asarray(f) for f in frames])
+            if isinstance(frames, Sequence)
+            else np.asarray(frames)
+        )
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(
+                f"frames must be uint8 [T, H, W, 3], got {video.dtype} {list(video.shape)}"
+            )
+        vcfg, cfg = self.video_config, self.config
+        if sample:
+            indices = molmo2_video_frame_indices(video.shape[0], fps, vcfg)
+        else:
+            indices = np.arange(video.shape[0], dtype=np.int64)
+        n = cfg.patches_per_side
+        pixel_values = torch.empty(len(indices), cfg.num_patches, cfg.patch_pixels)
+        for k, i in enumerate(indices):
+            pixels = torch.from_numpy(np.ascontiguousarray(video[i])).permute(2, 0, 1)  # HWC memory
+            self._cut(pixels, (cfg.crop_size, cfg.crop_size), 1, 1, pixel_values[k : k + 1])
+        ph, pw = vcfg.pooling_size
+        one = _pool_windows(np.arange(n * n, dtype=np.int64).reshape(n, n), ph, pw)  # [81, 9]
+        offsets = np.arange(len(indices), dtype=np.int64)[:, None, None] * (n * n)
+        pooling = np.where(one[None] >= 0, one[None] + offsets, -1).reshape(-1, ph * pw)
+        h, w = _pooled(n, ph), _pooled(n, pw)
+        timestamps = [float(i) / float(fps) for i in indices]
+        ids = self.ids
+        start, end = (
+            (ids.frame_start, ids.frame_end)
+            if vcfg.use_frame_special_tokens
+            else (ids.im_start, ids.im_end)
+        )
+        row = [ids.im_patch] * w + ([ids.im_col] if vcfg.use_col_tokens else [])
+        tokens: list[int | str] = []
+        for k, t in enumerate(timestamps):
+            tokens += [(" " if k else "") + f"{t:.1f} ", start, *(row * h), end]
+        return Molmo2VideoInputs(
+            pixel_values, torch.from_numpy(pooling), (len(indices), h, w), timestamps,
+            [int(i) for i in indices], tokens,
+        )  # fmt: skip
+
     def _cut(
         self, pixels: torch.Tensor, size: tuple[int, int], rows: int, cols: int, out: torch.Tensor
     ) -> None:
@@ -485,20 +655,29 @@ class Molmo2Preprocessor:
         self,
         messages: str | Sequence[Mapping[str, Any]],
         images: ImageLike | Sequence[ImageLike] | None = None,
+        video: Molmo2VideoInputs | None = None,
     ) -> Molmo2Inputs:
-        """Molmo 2 inputs for a question (or chat messages) and its images, in order."""
+        """Molmo 2 inputs for a question (or chat messages) and its images, in order, or one
+        video (`preprocess_video`'s output; Ai2's processor takes images or a video, not both)."""
         if images is None:
             images = []
         elif isinstance(images, (Image.Image, bytes, str, os.PathLike)):
             images = [images]
+        if video is not None and images:
+            raise ValueError("Molmo 2 takes images or a video in one prompt, not both")
         image_inputs = [self.preprocess(image) for image in images]
         ids = [self.ids.bos]
         pending = iter(image_inputs)
-        for piece in molmo2_chat_pieces(messages, len(image_inputs)):
+        for piece in molmo2_chat_pieces(
+            messages, len(image_inputs), num_videos=int(video is not None)
+        ):
             if isinstance(piece, str):
                 ids.extend(self.tokenizer.encode(piece))
             elif piece == _IMAGE:
                 ids.extend(next(pending).tokens)
+            elif piece == _VIDEO:
+                for part in video.tokens:  # timestamps are text, the rest ids
+                    ids.extend(self.tokenizer.encode(part) if isinstance(part, str) else [part])
             else:
                 ids.append(self.ids.chat_start if piece == _CHAT_START else self.ids.chat_end)
         input_ids = torch.tensor(ids, dtype=torch.long)  # [S]
@@ -520,18 +699,25 @@ class Molmo2Preprocessor:
             ),
             image_num_crops=torch.tensor([x.n_crops for x in image_inputs], dtype=torch.long),
             images=image_inputs,
+            pixel_values_videos=None if video is None else video.pixel_values_videos,
+            video_token_pooling=None if video is None else video.video_token_pooling,
+            video_grids=None
+            if video is None
+            else torch.tensor([video.video_grid], dtype=torch.long),
+            video=video,
         )
 
 
 # Markers in `molmo2_chat_pieces`' output for the pieces that are not plain text.
-_IMAGE, _CHAT_START, _CHAT_END = -1, -2, -3
+_IMAGE, _CHAT_START, _CHAT_END, _VIDEO = -1, -2, -3, -4
 
 
 def molmo2_chat_pieces(
-    messages: str | Sequence[Mapping[str, Any]], num_images: int
+    messages: str | Sequence[Mapping[str, Any]], num_images: int, num_videos: int = 0
 ) -> list[str | int]:
     """Ai2's Molmo 2 chat template as a list of plain-text pieces and markers (`_IMAGE`,
-    `_CHAT_START`, `_CHAT_END`), so that user text is tokenized as plain text.
+    `_VIDEO`, `_CHAT_START`, `_CHAT_END`), so that user text is tokenized as plain text.
+    Videos (`<|video|>` each) follow the images, before any turn.
 
     `messages`: a question string, or [{"role": "user"|"assistant", "content": str | parts}]
     alternating user/assistant from a user turn; a list of parts contributes its text parts
@@ -548,6 +734,7 @@ def molmo2_chat_pieces(
     else:
         for i in range(num_images):
             pieces += [f"Image {i + 1}", _IMAGE]
+    pieces += [_VIDEO] * num_videos
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
