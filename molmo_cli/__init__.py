@@ -1,6 +1,7 @@
 """The `molmo` command line: one umbrella above the packages it dispatches to.
 
-    molmo init --preset tiny --out DIR      write a random-weight checkpoint (molmo_model)
+    molmo init --preset tiny --out DIR      write a random-weight checkpoint (molmo_model;
+                                            --preset molmo2-tiny: a Molmo 2 one)
     molmo serve [--model DIR] ...           OpenAI-compatible server (server/)
     molmo train ...                         train with the paper's recipe (training/)
     molmo eval --model DIR ...              pointing / counting / clock accuracy (training/)
@@ -26,7 +27,8 @@ def _init(argv: list[str]) -> int:
     from molmo_model.config import PRESETS
 
     p = argparse.ArgumentParser(prog="molmo init", description="Write a random-weight checkpoint.")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + ["molmo2-tiny"],
+                   help="a Molmo preset, or molmo2-tiny (Molmo 2's layout, our small tokenizer)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--std", type=float, default=0.02, help="init std of weight matrices")

@@ -244,7 +244,8 @@ def load_checkpoint(
 ):
     """Returns (model, config, tokenizer or None) for either family (model_family). Strict
     about tensor names and shapes. An int4 Molmo checkpoint (`molmo quantize`) loads
-    dequantized: the weights vLLM's kernels use. Molmo 2 returns no tokenizer yet."""
+    dequantized: the weights vLLM's kernels use. A Molmo 2 checkpoint's tokenizer is a
+    `Molmo2Tokenizer` when the folder has a tokenizer.json (None otherwise)."""
     from molmo_model.tokenizer import MolmoTokenizer
 
     path = Path(path)
@@ -262,6 +263,10 @@ def load_checkpoint(
         if spec is not None:
             raise CheckpointError(f"{path}: quantized Molmo 2 checkpoints are not supported")
         tokenizer = None
+        if with_tokenizer and (path / "tokenizer.json").is_file():
+            from molmo_model.tokenizer import Molmo2Tokenizer
+
+            tokenizer = Molmo2Tokenizer.from_dir(path)
         with torch.device("meta"):
             model = Molmo2ForConditionalGeneration(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -290,9 +295,12 @@ def init_checkpoint(
     dtype: str = "float32",
     config: MolmoConfig | None = None,
 ) -> Path:
-    """Writes a random-weight checkpoint with our tokenizer (vocab sized to it)."""
+    """Writes a random-weight checkpoint with our tokenizer (vocab sized to it). A Molmo 2
+    preset (`molmo2-tiny`, ...) gets our small BPE in Molmo 2's layout (build_molmo2_tokenizer)."""
     from molmo_model.tokenizer import build_tokenizer
 
+    if preset.startswith("molmo2"):
+        return _init_molmo2_checkpoint(preset, out_dir, seed, std, dtype)
     tok = build_tokenizer()
     if config is None:
         config = get_preset(preset)
@@ -304,4 +312,21 @@ def init_checkpoint(
     config.torch_dtype = dtype
     torch.manual_seed(seed)
     model = MolmoForCausalLM(config, im_patch_id=tok.im_patch_id).init_weights(std=std, seed=seed)
+    return save_checkpoint(model, out_dir, tok, dtype=dtype)
+
+
+def _init_molmo2_checkpoint(preset: str, out_dir: str | Path, seed: int, std: float, dtype: str) -> Path:
+    from molmo_model.molmo2.config import molmo2_tiny
+    from molmo_model.molmo2.model import Molmo2ForConditionalGeneration
+    from molmo_model.tokenizer import build_molmo2_tokenizer
+
+    tok = build_molmo2_tokenizer()
+    if preset == "molmo2-tiny":
+        config = molmo2_tiny(vocab_size=tok.vocab_size)
+    else:  # release shapes keep Qwen3's vocabulary: our small BPE does not fit them
+        raise ValueError(f"molmo init: preset {preset!r} needs Qwen3's tokenizer; only molmo2-tiny "
+                         "is written with ours")  # fmt: skip
+    config.torch_dtype = dtype
+    torch.manual_seed(seed)
+    model = Molmo2ForConditionalGeneration(config).init_weights(std=std, seed=seed)
     return save_checkpoint(model, out_dir, tok, dtype=dtype)

@@ -39,6 +39,11 @@ CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
 class MolmoTokenizer:
     """Text <-> ids with Molmo's special tokens. All ids come from the tokenizer itself."""
 
+    # What `save` writes as the HF special tokens (Molmo: <|endoftext|> is BOS, EOS and pad).
+    BOS, EOS, PAD = EOS_TOKEN, EOS_TOKEN, EOS_TOKEN
+    SPECIAL_TOKENS: tuple[str, ...] = IMAGE_TOKENS
+    CHAT_TEMPLATE: Path | None = CHAT_TEMPLATE_FILE
+
     def __init__(self, tokenizer: Tokenizer, model_max_length: int = DEFAULT_MAX_LENGTH):
         self._tok = tokenizer
         # A second copy reads special-token strings in plain text as ordinary text, so that
@@ -47,7 +52,7 @@ class MolmoTokenizer:
         self._plain.encode_special_tokens = True
         self.model_max_length = int(model_max_length)
         ids = {}
-        for token in (EOS_TOKEN, *IMAGE_TOKENS):
+        for token in dict.fromkeys((EOS_TOKEN, self.BOS, self.EOS, *IMAGE_TOKENS, *self.SPECIAL_TOKENS)):
             i = tokenizer.token_to_id(token)
             if i is None:
                 raise ValueError(f"tokenizer has no {token!r} token; Molmo needs it")
@@ -88,25 +93,20 @@ class MolmoTokenizer:
             }
             for t_id, t in sorted(self._tok.get_added_tokens_decoder().items())
         }
+        names = {"bos_token": self.BOS, "eos_token": self.EOS, "pad_token": self.PAD}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": EOS_TOKEN,
-            "eos_token": EOS_TOKEN,
-            "pad_token": EOS_TOKEN,
+            **names,
             "add_bos_token": False,  # the prompt builder adds BOS itself
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": self.model_max_length,
             "added_tokens_decoder": added,
-            "additional_special_tokens": list(IMAGE_TOKENS),
-            "chat_template": CHAT_TEMPLATE_FILE.read_text(),
+            "additional_special_tokens": list(self.SPECIAL_TOKENS),
         }
-        special_map = {
-            "bos_token": EOS_TOKEN,
-            "eos_token": EOS_TOKEN,
-            "pad_token": EOS_TOKEN,
-            "additional_special_tokens": list(IMAGE_TOKENS),
-        }
+        if self.CHAT_TEMPLATE is not None:
+            config["chat_template"] = self.CHAT_TEMPLATE.read_text()
+        special_map = {**names, "additional_special_tokens": list(self.SPECIAL_TOKENS)}
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
@@ -139,11 +139,11 @@ class MolmoTokenizer:
     # ---- ids ----
     @property
     def bos_id(self) -> int:
-        return self._ids[EOS_TOKEN]
+        return self._ids[self.BOS]
 
     @property
     def eos_id(self) -> int:
-        return self._ids[EOS_TOKEN]
+        return self._ids[self.EOS]
 
     @property
     def pad_id(self) -> int:
@@ -172,7 +172,7 @@ class MolmoTokenizer:
     @property
     def embedding_size(self) -> int:
         """Rows of `wte.embedding`: the image tokens start the extra rows right after it."""
-        return min(self._ids[t] for t in IMAGE_TOKENS)
+        return min(self._ids[t] for t in self.SPECIAL_TOKENS)
 
     @property
     def vocab_size(self) -> int:
@@ -280,4 +280,47 @@ def build_tokenizer(
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_TOKENS])
     out = MolmoTokenizer(tok, model_max_length=model_max_length)
     assert out.embedding_size == vocab_size and out.image_id == vocab_size + 4, "special ids"
+    return out
+
+
+# ---------------------------------------------------------------- Molmo 2's tokens
+
+# Molmo 2's image/video tokens in the order of its extra embedding rows (Molmo2-4B/8B put them
+# at 151936..151945, right after Qwen3's vocabulary); <|image|> and <|video|> are the
+# placeholders the processor expands.
+MOLMO2_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>",
+                 "<|image|>", "<im_low>", "<frame_start>", "<frame_end>", "<|video|>")  # fmt: skip
+MOLMO2_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # Qwen3's chat tokens (in the base vocabulary)
+
+
+class Molmo2Tokenizer(MolmoTokenizer):
+    """A Molmo 2 tokenizer (Qwen3's with Ai2's image tokens, or our small BPE with the same
+    special tokens): BOS = EOS = `<|im_end|>` as in Ai2's releases, pad `<|endoftext|>`."""
+
+    BOS, EOS, PAD = "<|im_end|>", "<|im_end|>", EOS_TOKEN
+    SPECIAL_TOKENS = MOLMO2_TOKENS
+    CHAT_TEMPLATE = None  # prompts come from molmo_model.molmo2.preprocessing / molmo_vllm.prompt
+
+
+def build_molmo2_tokenizer(
+    vocab_size: int = 512, model_max_length: int = DEFAULT_MAX_LENGTH
+) -> Molmo2Tokenizer:
+    """Our small BPE laid out as Molmo 2's: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` in
+    the base vocabulary (ids 0..2: EOS must be a logit row), Molmo 2's ten image/video tokens
+    at vocab_size + 0..9 (Ai2's order, so `molmo2_tiny(vocab_size)`'s token ids match)."""
+    base = json.loads(build_tokenizer(vocab_size - len(MOLMO2_CHAT_TOKENS), model_max_length)._tok.to_str())
+    vocab = base["model"]["vocab"]  # id 0 is <|endoftext|>; ids below vocab_size - 2 are the BPE
+    shifted = {t: (i + len(MOLMO2_CHAT_TOKENS) if i > 0 else 0) for t, i in vocab.items()}
+    for k, t in enumerate(MOLMO2_CHAT_TOKENS):
+        shifted[t] = 1 + k
+    # Merges name tokens, not ids, so shifting ids keeps the BPE; v1's image tokens are dropped.
+    base["model"]["vocab"] = shifted
+    base["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for t, i in [(EOS_TOKEN, 0), *((t, 1 + k) for k, t in enumerate(MOLMO2_CHAT_TOKENS)),
+                     *((t, vocab_size + k) for k, t in enumerate(MOLMO2_TOKENS))]
+    ]  # fmt: skip
+    out = Molmo2Tokenizer(Tokenizer.from_str(json.dumps(base)), model_max_length=model_max_length)
+    assert out.embedding_size == vocab_size and out.token_to_id("<|image|>") == vocab_size + 5
     return out

@@ -4,6 +4,8 @@
     molmo_vllm/config.py     config.json <-> transformers config (no remote code)
     molmo_vllm/processor.py  images -> crops and the prompt's image tokens, for vLLM
     molmo_vllm/model.py      the vLLM model: molmo_model's vision backbone + a paged decoder
+    molmo_vllm/molmo2_processor.py, molmo2_model.py   the same two rooms for Molmo 2
+                             (config.json model_type "molmo2", Molmo2ForConditionalGeneration)
     molmo_vllm/cpu_fixes.py   fixes for vLLM 0.32's CPU backend (LoRA mixed batches, eager PP)
     molmo_vllm/prompt.py     OpenAI-style messages and images -> the engine prompt (the one
                              prompt builder: the server, `molmo eval`, benchmarks and tests)
@@ -15,7 +17,9 @@ It registers `MolmoHFConfig` with transformers' `AutoConfig` for model_type "mol
 vLLM's own config registry, so config.json loads with no remote code (an official Ai2 config
 with an `auto_map` naming remote files loads too: the local class wins), and it registers
 `molmo_vllm.model:MolmoForCausalLM` for the architecture "MolmoForCausalLM", replacing vLLM's
-built-in Molmo (which needs Ai2's remote processor).
+built-in Molmo (which needs Ai2's remote processor). Likewise for Molmo 2: `Molmo2HFConfig`
+for model_type "molmo2" and `molmo_vllm.molmo2_model:Molmo2ForConditionalGeneration` for
+"Molmo2ForConditionalGeneration", replacing vLLM's built-in molmo2.
 
 Prompt contract (requests with images; see processor.py): the prompt may hold one `<|image|>`
 token per image, the i-th replaced by the i-th image's tokens; a prompt with none gets all
@@ -35,6 +39,7 @@ Importing this package imports neither vLLM nor torch; `register()` does.
 from __future__ import annotations
 
 MODEL_CLASS = "molmo_vllm.model:MolmoForCausalLM"
+MOLMO2_MODEL_CLASS = "molmo_vllm.molmo2_model:Molmo2ForConditionalGeneration"
 
 _registered = False
 
@@ -46,21 +51,32 @@ def register() -> None:
         return
     from transformers import AutoConfig
 
-    from molmo_vllm.config import ARCHITECTURE, MolmoHFConfig
+    from molmo_vllm.config import (
+        ARCHITECTURE,
+        MOLMO2_ARCHITECTURE,
+        Molmo2HFConfig,
+        Molmo2TextHFConfig,
+        MolmoHFConfig,
+    )
 
     AutoConfig.register("molmo", MolmoHFConfig, exist_ok=True)
+    AutoConfig.register("molmo2", Molmo2HFConfig, exist_ok=True)
+    AutoConfig.register("molmo2_text", Molmo2TextHFConfig, exist_ok=True)
     try:
         from vllm.transformers_utils import config as vllm_config_utils
 
         # vLLM consults its registry before AutoConfig and then drops trust_remote_code,
         # so an official config.json whose auto_map names remote files still loads locally.
         vllm_config_utils._CONFIG_REGISTRY["molmo"] = MolmoHFConfig
+        vllm_config_utils._CONFIG_REGISTRY["molmo2"] = Molmo2HFConfig
     except (ImportError, AttributeError):  # pragma: no cover - other vLLM versions
         pass
 
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    # Replaces vLLM's built-in Molmo 2 (which needs Ai2's remote processor).
+    ModelRegistry.register_model(MOLMO2_ARCHITECTURE, MOLMO2_MODEL_CLASS)
     from molmo_vllm import cpu_fixes
 
     cpu_fixes.patch()  # vLLM 0.32's CPU backend: LoRA in mixed batches, eager PP (cpu_fixes.py)

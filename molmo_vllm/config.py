@@ -7,6 +7,8 @@ remote code; `molmo_config_of` turns what vLLM loaded into our `MolmoConfig`.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -46,3 +48,78 @@ def molmo_config_of(hf_config: Any) -> MolmoConfig:
     if d.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
         d["rope_theta"] = rope["rope_theta"]
     return MolmoConfig.from_hf_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Molmo 2
+# ---------------------------------------------------------------------------------------------
+
+MOLMO2_ARCHITECTURE = "Molmo2ForConditionalGeneration"
+
+
+class Molmo2TextHFConfig(PretrainedConfig):
+    """`text_config` of a Molmo 2 config.json (model_type "molmo2_text"): the decoder fields
+    vLLM reads (hidden_size, heads, head_dim, layers, vocab_size, max_position_embeddings)
+    as attributes, every other field kept as given."""
+
+    model_type = "molmo2_text"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class Molmo2HFConfig(PretrainedConfig):
+    """config.json of a Molmo 2 checkpoint (model_type "molmo2"; Ai2's releases and ours).
+
+    `text_config` becomes a `Molmo2TextHFConfig` (what vLLM's `get_text_config()` returns);
+    `vit_config` and `adapter_config` stay dicts. `is_mm_prefix_lm` is False: our vLLM model
+    attends causally everywhere (vLLM's CPU attention has no bidirectional image prefix; see
+    molmo_vllm/molmo2_model.py), so vLLM must not plan for one.
+    """
+
+    model_type = "molmo2"
+    sub_configs = {"text_config": Molmo2TextHFConfig}
+
+    def __init__(self, text_config: Any = None, **kwargs: Any) -> None:
+        if isinstance(text_config, dict):
+            text_config = Molmo2TextHFConfig(**text_config)
+        self.text_config = text_config if text_config is not None else Molmo2TextHFConfig()
+        kwargs.setdefault("architectures", [MOLMO2_ARCHITECTURE])
+        kwargs.setdefault("tie_word_embeddings", False)
+        kwargs["is_mm_prefix_lm"] = False
+        super().__init__(**kwargs)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> Any:
+        return self.text_config
+
+
+def molmo2_config_of(hf_config: Any) -> Any:
+    """Our `Molmo2Config` (molmo_model.molmo2.config) from the transformers config vLLM loaded."""
+    from molmo_model.molmo2.config import Molmo2Config
+
+    d = hf_config.to_dict()
+    text = d["text_config"]
+    if not isinstance(text, dict):
+        text = text.to_dict()
+    rope = text.get("rope_parameters")
+    if text.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+    d["text_config"] = text
+    return Molmo2Config.from_hf_dict(d)
+
+
+def preprocess_config_of(folder: str | Path) -> Any:
+    """A Molmo 2 checkpoint's image geometry (`Molmo2PreprocessConfig`): Ai2's
+    preprocessor_config.json (+ processor_config.json) when the folder has them, else the
+    released Molmo2-4B/8B values (our `molmo init` checkpoints use those)."""
+    from molmo_model.molmo2.preprocessing import Molmo2PreprocessConfig
+
+    folder = Path(folder)
+    pre = folder / "preprocessor_config.json"
+    if not pre.is_file():
+        return Molmo2PreprocessConfig()
+    proc = folder / "processor_config.json"
+    return Molmo2PreprocessConfig.from_hf(
+        json.loads(pre.read_text()), json.loads(proc.read_text()) if proc.is_file() else None
+    )

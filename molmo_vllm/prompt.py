@@ -1,7 +1,9 @@
 """OpenAI-style chat messages and images -> the prompt Molmo's vLLM engine takes.
 
 This is the one prompt builder: the server, `molmo eval`, the benchmarks and the parity
-tests all call it, so the prompt under test is the prompt that is served.
+tests all call it, so the prompt under test is the prompt that is served. It knows both
+families: a Molmo 2 tokenizer (`molmo_model.tokenizer.Molmo2Tokenizer`) selects Molmo 2's
+chat layout (`molmo2_prompt_token_ids`, below); everything else is Molmo's.
 
 Molmo's chat format: BOS `<|endoftext|>`, every image in order (before any text), then
 " User: {q} Assistant:"; earlier turns continue " User: q1 Assistant: a1 User: q2 Assistant:"
@@ -28,7 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from molmo_model.molmo2.preprocessing import _CHAT_END as _M2_CHAT_END  # the pieces' markers
+from molmo_model.molmo2.preprocessing import _CHAT_START as _M2_CHAT_START
+from molmo_model.molmo2.preprocessing import _IMAGE as _M2_IMAGE
+from molmo_model.molmo2.preprocessing import CHAT_END, CHAT_START, molmo2_chat_pieces
 from molmo_model.preprocessing import prompt_text
+from molmo_model.tokenizer import Molmo2Tokenizer
 
 POINT_QUESTION = "Point to all the {object}."  # Molmo v1's pointing question
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
@@ -110,7 +117,10 @@ def parse_chat(messages: str | Sequence[Mapping[str, Any]]) -> Chat:
 
 
 def prompt_token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], num_images: int) -> list[int]:
-    """BOS + one `<|image|>` per image + the tokens of the chat's text."""
+    """Molmo: BOS + one `<|image|>` per image + the tokens of the chat's text. A Molmo 2
+    tokenizer (`Molmo2Tokenizer`) gets Molmo 2's layout instead (`molmo2_prompt_token_ids`)."""
+    if isinstance(tokenizer, Molmo2Tokenizer):
+        return molmo2_prompt_token_ids(tokenizer, turns, num_images)
     try:
         text = prompt_text(turns)
         text.encode("utf-8")  # lone surrogates ("\ud800") pass JSON and pydantic, not tokenizers
@@ -119,6 +129,34 @@ def prompt_token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], num_imag
     except ValueError as e:  # prompt_text's own checks
         raise PromptError(str(e)) from None
     return [tokenizer.bos_id] + [tokenizer.image_id] * num_images + tokenizer.encode(text)
+
+
+def molmo2_prompt_token_ids(
+    tokenizer: Molmo2Tokenizer, turns: list[dict[str, str]], num_images: int
+) -> list[int]:
+    """Molmo 2 (Ai2's chat template, molmo_model.molmo2.preprocessing.molmo2_chat_pieces):
+    BOS `<|im_end|>`, the images first ("<|image|>" for one, "Image 1<|image|>Image 2<|image|>..."
+    for several), then Qwen3 turns and the generation prompt. Molmo 2 has no system role:
+    system text is prepended to the first user turn, as Molmo's format does."""
+    system = " ".join(t["content"] for t in turns if t["role"] == "system" and t["content"])
+    chat = [dict(t) for t in turns if t["role"] != "system"]
+    if system and chat:
+        chat[0]["content"] = f"{system} {chat[0]['content']}".strip()
+    markers = {_M2_IMAGE: tokenizer.image_id, _M2_CHAT_START: tokenizer.token_to_id(CHAT_START),
+               _M2_CHAT_END: tokenizer.token_to_id(CHAT_END)}  # fmt: skip
+    try:
+        ids = [tokenizer.bos_id]
+        for piece in molmo2_chat_pieces(chat, num_images):
+            if isinstance(piece, str):
+                piece.encode("utf-8")  # lone surrogates pass JSON and pydantic, not tokenizers
+                ids += tokenizer.encode(piece)
+            else:
+                ids.append(markers[piece])
+    except UnicodeError:
+        raise PromptError("message text is not valid Unicode") from None
+    except ValueError as e:  # molmo2_chat_pieces' own checks (roles must alternate)
+        raise PromptError(str(e)) from None
+    return ids
 
 
 def engine_prompt(token_ids: list[int], images: Sequence[Any] = ()) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from molmo_model.tokenizer import MolmoTokenizer
 from server.config import ServerConfig
 from server.engine import ModelInfo, build_engine
 from server.errors import APIError
@@ -80,7 +79,7 @@ def create_app(
     engine_factory: Callable[[ServerConfig], Any] | None = build_engine,
 ) -> FastAPI:
     info = ModelInfo.from_dir(config.model, config.served_model_name)
-    tokenizer = MolmoTokenizer.from_dir(config.model)
+    tokenizer = info.tokenizer()
     metrics = ServerMetrics()
     serving = Serving(config, info, tokenizer, metrics)
     built = threading.Event()  # the engine thread has finished (engine or exception in box)

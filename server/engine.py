@@ -9,12 +9,15 @@ in a thread and answers /health with 503 until it returns.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molmo_model.config import MolmoConfig, PreprocessConfig
+from molmo_model.checkpoint import MOLMO, MOLMO2, model_family
+from molmo_model.config import MolmoConfig
+from molmo_model.preprocessing import MolmoPreprocessor
 from server.config import ServerConfig
 
 
@@ -24,23 +27,50 @@ class ModelInfo:
 
     name: str  # the model id clients see
     path: str
-    preprocess: PreprocessConfig  # the checkpoint's image geometry (image token counts)
+    # The checkpoint's image geometry (image token counts): PreprocessConfig for Molmo,
+    # Molmo2PreprocessConfig for Molmo 2.
+    preprocess: Any
     max_position_embeddings: int
-    config: MolmoConfig  # the base's whole config (adapters are checked against it)
+    config: Any  # the base's whole config: MolmoConfig (adapters are checked against it) or Molmo2Config
+    family: str = MOLMO  # molmo_model.checkpoint.model_family: "molmo" or "molmo2"
 
     @classmethod
     def from_dir(cls, path: str, served_name: str | None = None) -> ModelInfo:
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise ValueError(f"model: {path} has no config.json (not a checkpoint folder)")
+        family = model_family(json.loads((folder / "config.json").read_text()))
+        name = served_name or folder.resolve().name
+        if family == MOLMO2:
+            from molmo_model.molmo2.config import Molmo2Config
+            from molmo_vllm.config import preprocess_config_of
+
+            m2 = Molmo2Config.load(folder)
+            return cls(name, str(folder), preprocess_config_of(folder),
+                       m2.text.max_position_embeddings, m2, MOLMO2)  # fmt: skip
         config = MolmoConfig.load(folder)
         return cls(
-            name=served_name or folder.resolve().name,
+            name=name,
             path=str(folder),
             preprocess=config.preprocess,
             max_position_embeddings=config.llm.max_position_embeddings,
             config=config,
         )
+
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer: MolmoTokenizer, or Molmo2Tokenizer for Molmo 2."""
+        from molmo_model.tokenizer import Molmo2Tokenizer, MolmoTokenizer
+
+        return (Molmo2Tokenizer if self.family == MOLMO2 else MolmoTokenizer).from_dir(self.path)
+
+    def preprocessor(self, tokenizer: Any) -> Any:
+        """The family's preprocessor (the server counts image tokens with it, as the engine's
+        processor does with the same class)."""
+        if self.family == MOLMO2:
+            from molmo_model.molmo2.preprocessing import Molmo2Preprocessor
+
+            return Molmo2Preprocessor(self.preprocess, tokenizer, tokenizer.BOS)
+        return MolmoPreprocessor(self.preprocess, tokenizer)
 
 
 def engine_args(config: ServerConfig) -> Any:

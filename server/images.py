@@ -104,7 +104,7 @@ class Decoded:
 class Header:
     """An opened, not yet decoded image: its size checked, its decode cost known."""
 
-    def __init__(self, data: bytes, max_pixels: int, geometry: PreprocessConfig) -> None:
+    def __init__(self, data: bytes, max_pixels: int, geometry: PreprocessConfig | None) -> None:
         webp = _webp_size(data)
         if webp is not None:
             check_size(webp, max_pixels)
@@ -121,7 +121,7 @@ class Header:
         width, height = self.image.size
         check_size((width, height), max_pixels)
         self.sent_size = (width, height)  # as stored (before EXIF orientation)
-        self.geometry = geometry  # the model's crop geometry
+        self.geometry = geometry  # the model's crop geometry; None: never decode reduced
         self.orientation = _orientation(self.image) if self.image.format == "JPEG" else 1
         self.draft = 1
         if self.image.format == "JPEG" and len(self.image.tile) == 1:
@@ -166,6 +166,8 @@ class Header:
         it gives the image as sent, so that the crops' masks are the same and the pixels
         differ only by the resampling (else 1)."""
         config = self.geometry
+        if config is None:
+            return 1
         sent_w, sent_h = self._upright(self.sent_size)
         rows, cols = select_grid(sent_w, sent_h, config)
         need_h, need_w = config.canvas_size(rows, cols)
@@ -296,9 +298,11 @@ class ImageFetcher:
         geometry: PreprocessConfig | None = None,
         pool: DecodePool | None = None,
         remote: RemoteImages | None = None,
+        reduce: bool = True,
     ) -> None:
         self.max_pixels = max_pixels
-        self.geometry = geometry or PreprocessConfig()
+        # reduce=False (Molmo 2): images are decoded at full size (no draft / reduce).
+        self.geometry = (geometry or PreprocessConfig()) if reduce else None
         self.allow_remote = allow_remote
         self.pool = pool or DecodePool(min(4, os.cpu_count() or 1), max_pixels)
         self.remote = remote or RemoteImages()

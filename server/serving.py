@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from molmo_model.preprocessing import MolmoPreprocessor
+from molmo_model.checkpoint import MOLMO
 from molmo_vllm.prompt import (
     Chat,
     PromptError,
@@ -128,12 +128,14 @@ class Serving:
         self.metrics = metrics
         self.engine: Any = None  # vllm AsyncLLM, once started
         self.max_model_len = config.max_model_len or info.max_position_embeddings
-        # The processor's own geometry code (molmo_vllm.processor counts with the same class).
-        self.preprocessor = MolmoPreprocessor(info.preprocess, tokenizer)
+        # The processor's own geometry code (molmo_vllm's processors count with the same class).
+        self.preprocessor = info.preprocessor(tokenizer)
         self.images = ImageFetcher(
             max_pixels=config.max_image_pixels,
             allow_remote=config.allow_remote_images,
-            geometry=info.preprocess,
+            # Molmo 2 stretches images (no aspect-kept fit): no reduced decoding for it.
+            geometry=info.preprocess if info.family == MOLMO else None,
+            reduce=info.family == MOLMO,
             pool=DecodePool(config.decode_workers, config.decode_pixel_budget),
             remote=RemoteImages(
                 timeout=config.remote_image_timeout,
@@ -148,6 +150,9 @@ class Serving:
         self._max_token_bytes = _max_token_bytes(tokenizer)
         # Adapters given at start-up are checked here: a bad one stops the server (exit 2).
         self.adapters: Adapters | None = None
+        if config.enable_lora and info.family != MOLMO:
+            raise ValueError("enable_lora: LoRA adapters are served for Molmo checkpoints only, "
+                             f"not for {info.family} yet")  # fmt: skip
         if config.enable_lora:
             self.adapters = Adapters(info.name, info.path, info.config, config.max_lora_rank)
             for name, path in config.lora_modules:

@@ -1,0 +1,110 @@
+"""Molmo 2 through vLLM (molmo_vllm/molmo2_model.py) against our PyTorch reference
+(molmo_model.molmo2): a `molmo init --preset molmo2-tiny` checkpoint, float32, greedy, one
+engine (vllm.LLM, eager) for the module.
+
+The prompt is built once by the one prompt builder (molmo_vllm.prompt.build_prompt); the
+reference gets the same chat through Molmo2Preprocessor.build_prompt, and the test checks
+that vLLM's expanded prompt ids are the reference's. Then, for one image and for two images
+in one prompt: the greedy tokens are equal and the first token's top-5 log-probs agree
+within 1e-4, against the reference in CAUSAL mode (no token_type_ids), which is what vLLM's
+CPU attention computes. The gap to Ai2's bidirectional image prefill (the reference with
+token_type_ids) is measured and printed (`-s` shows it), not bounded: it is a property of
+the weights (random here).
+
+~50 s on 2 CPU cores (engine start ~35 s).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from molmo_model.checkpoint import init_checkpoint, load_checkpoint
+from molmo_model.molmo2.model import generate
+from molmo_model.molmo2.preprocessing import Molmo2PreprocessConfig, Molmo2Preprocessor
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+QUESTION = "Describe this image."
+MAX_TOKENS = 6
+TOP = 5
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+CASES = {  # name -> images; 640x480 tiles 2x2, 300x200 1x1
+    "one_image": [noise_image(640, 480, 1)],
+    "two_images": [noise_image(640, 480, 1), noise_image(300, 200, 2)],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # std 0.3: logits far enough apart that greedy choices are not near-ties.
+    return init_checkpoint("molmo2-tiny", tmp_path_factory.mktemp("m2") / "ckpt", seed=0, std=0.3)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    torch.set_num_threads(1)
+    model, _, tokenizer = load_checkpoint(checkpoint)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine_outputs(checkpoint, reference):
+    """vLLM's outputs for every case, from one engine that is shut down afterwards."""
+    from molmo_vllm import register
+    from molmo_vllm.prompt import build_prompt
+
+    register()
+    _, tokenizer = reference
+    llm = vllm.LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, seed=0,
+                   max_model_len=2048, max_num_seqs=2, limit_mm_per_prompt={"image": 2})  # fmt: skip
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP)
+    prompts = [build_prompt(tokenizer, QUESTION, images) for images in CASES.values()]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    del llm
+    return dict(zip(CASES, outs, strict=True))
+
+
+def reference_run(reference, images, bidirectional: bool):
+    model, tokenizer = reference
+    inputs = Molmo2Preprocessor(Molmo2PreprocessConfig(), tokenizer).build_prompt(QUESTION, images)
+    extra = {"token_type_ids": inputs.token_type_ids[None]} if bidirectional else {}
+    result = generate(
+        model, inputs.input_ids, max_new_tokens=MAX_TOKENS, eos_id=tokenizer.eos_id,
+        return_logprobs=True, pixel_values=inputs.pixel_values,
+        image_token_pooling=inputs.image_token_pooling, image_grids=inputs.image_grids,
+        image_num_crops=inputs.image_num_crops, **extra,
+    )  # fmt: skip
+    return inputs, result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_matches_causal_reference(case, reference, engine_outputs):
+    images = CASES[case]
+    inputs, ref = reference_run(reference, images, bidirectional=False)
+    out = engine_outputs[case]
+    assert out.prompt_token_ids == inputs.input_ids.tolist()  # the same prompt, images expanded
+    got = out.outputs[0]
+    assert list(got.token_ids) == ref.tokens
+    first = got.logprobs[0]  # {token id: Logprob}
+    assert len(first) >= TOP
+    ref_lp = ref.logprobs[0].reshape(-1)
+    diff = max(abs(lp.logprob - float(ref_lp[t])) for t, lp in first.items())
+    top_ref = ref_lp.topk(TOP).indices.tolist()
+    assert top_ref[0] == got.token_ids[0] and set(top_ref) <= set(first)
+    assert diff < 1e-4, f"{case}: first-token log-probs differ by {diff:.2e}"
+
+    _, bidi = reference_run(reference, images, bidirectional=True)
+    gap = float((bidi.logprobs[0].reshape(-1)[top_ref] - ref_lp[top_ref]).abs().max())
+    print(f"\n{case}: vLLM vs causal reference {diff:.1e}; bidirectional vs causal reference "
+          f"(first-token top-{TOP} log-probs) {gap:.3f}; tokens {ref.tokens} / {bidi.tokens}")  # fmt: skip
+    assert gap > 0  # the bidirectional prefill is on in the reference (a different mask)
