@@ -53,3 +53,13 @@ def decisive_checkpoint(
     model = helpers.decisive_model(tiny(vocab_size=tok.vocab_size), tok)
     path = save_checkpoint(model, tmp_path_factory.mktemp("decisive") / "tiny", tok)
     return path, model, tok
+
+
+@pytest.fixture(scope="session")
+def molmo2_release_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint Ai2's Molmo 2 code made tests/golden/ai2_molmo2.json on, rebuilt from its
+    recipe (tests/molmo2_release.py): Molmo2-4B's layout, full SigLIP 2 tower, tiny decoder,
+    bf16 on disk (~900 MB, ~10 s)."""
+    import molmo2_release
+
+    return molmo2_release.build_release_checkpoint(tmp_path_factory.mktemp("molmo2") / "release")

@@ -56,7 +56,11 @@ PROMPT = "Describe this image."
 TWO_IMAGE_PROMPT = "Compare these two images."
 VIDEO_PROMPT = "What happens in this video?"
 NEW_TOKENS = 12
-IMAGES = {"single_640x480": (640, 480, 1), "pair_a_300x500": (300, 500, 2), "pair_b_120x90": (120, 90, 3)}
+IMAGES = {
+    "single_640x480": (640, 480, 1),
+    "pair_a_300x500": (300, 500, 2),
+    "pair_b_120x90": (120, 90, 3),
+}
 VIDEO = {"frames": 4, "width": 320, "height": 240, "seed": 4, "fps": 2.0}
 
 
@@ -117,7 +121,11 @@ def byte_symbols() -> list[str]:
     """The printable symbol of each byte-level token, in GPT-2's (and Qwen's) id order: the
     188 printable bytes in byte order (as themselves), then the other 68 bytes in byte order
     (as chr(256 + k))."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     rest = [b for b in range(256) if b not in set(printable)]
     return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
 
@@ -128,12 +136,19 @@ def release_tokenizer() -> MolmoTokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    pad = [f"|<EXTRA_TOKENS_{i}>|" for i in range(EMBEDDING_SIZE - QWEN3_BASE_VOCAB - len(QWEN3_ADDED))]
+    pad = [
+        f"|<EXTRA_TOKENS_{i}>|" for i in range(EMBEDDING_SIZE - QWEN3_BASE_VOCAB - len(QWEN3_ADDED))
+    ]
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (*QWEN3_ADDED, *pad, *MOLMO2_TOKENS)]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t in (*QWEN3_ADDED, *pad, *MOLMO2_TOKENS)
+        ]
     )
     out = MolmoTokenizer(tok)
-    assert out.token_to_id("<|im_end|>") == 151645 and out.token_to_id("<im_start>") == EMBEDDING_SIZE
+    assert (
+        out.token_to_id("<|im_end|>") == 151645 and out.token_to_id("<im_start>") == EMBEDDING_SIZE
+    )
     assert out.token_to_id("<|video|>") == EMBEDDING_SIZE + 9 and out.total_size == 151946
     return out
 
