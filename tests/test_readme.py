@@ -67,6 +67,8 @@ SMALL: dict[str, tuple[str, list[str]]] = {
     "molmo export --merge-lora --model /tmp/tiny --lora runs/pets/adapter --out runs/pets/merged": ("run", []),
     "molmo quantize --model models/molmo-demo --bits 4 --group-size 64 --out runs/demo-int4": ("run", []),
     "molmo serve --model runs/demo-int4": ("serve-args", []),
+    "molmo init --preset molmo2-tiny --out /tmp/tiny2": ("run", []),
+    "molmo serve --model /tmp/tiny2": ("serve-args", []),  # served for real by tests/test_molmo2_serve.py
 }  # fmt: skip
 
 # Commands of other subcommands, by prefix: they need a running server, an image of the
@@ -165,6 +167,7 @@ def test_readme_commands_run_at_small_sizes(tmp_path):
     assert (tmp_path / "runs" / "pets" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "runs" / "pets" / "merged" / "config.json").exists()
     assert "quantization_config" in (tmp_path / "runs" / "demo-int4" / "config.json").read_text()
+    assert '"molmo2"' in (tmp_path / "tiny2" / "config.json").read_text()
 
 
 def test_readme_python_blocks_compile():
