@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 from transformers import BatchFeature
-from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import (
-    BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptIndexTargets,
@@ -52,7 +50,7 @@ from molmo_model.molmo2.preprocessing import (
     molmo2_tiling,
 )
 from molmo_vllm.config import molmo2_config_of, preprocess_config_of
-from molmo_vllm.processor import _to_pil
+from molmo_vllm.processor import MolmoDummyInputsBuilder, _to_pil
 
 
 class VocabIds:
@@ -111,25 +109,12 @@ class Molmo2ProcessingInfo(BaseProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class Molmo2DummyInputsBuilder(BaseDummyInputsBuilder[Molmo2ProcessingInfo]):
+class Molmo2DummyInputsBuilder(MolmoDummyInputsBuilder):
+    """Molmo's dummy images (the size with the most tokens); only the text differs: Molmo 2's
+    images go where an image placeholder stands."""
+
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         return IMAGE_PROMPT * mm_counts.get("image", 0)
-
-    def get_dummy_mm_data(
-        self,
-        seq_len: int,
-        mm_counts: Mapping[str, int],
-        mm_options: MultiModalDummyOptions,
-    ) -> Mapping[str, Any]:
-        width, height = self.info.get_image_size_with_most_features()
-        return {
-            "image": self._get_dummy_images(
-                width=width,
-                height=height,
-                num_images=mm_counts.get("image", 0),
-                overrides=mm_options.get("image") if mm_options else None,
-            )
-        }
 
 
 class Molmo2MultiModalProcessor(BaseMultiModalProcessor[Molmo2ProcessingInfo]):
