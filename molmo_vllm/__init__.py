@@ -77,6 +77,15 @@ def register() -> None:
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     # Replaces vLLM's built-in Molmo 2 (which needs Ai2's remote processor).
     ModelRegistry.register_model(MOLMO2_ARCHITECTURE, MOLMO2_MODEL_CLASS)
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+        from molmo_vllm.config import Molmo2SchedulingHook
+
+        # Whole-prompt prefills for Molmo 2 (bidirectional image prefill; config.py).
+        MODELS_CONFIG_MAP[MOLMO2_ARCHITECTURE] = Molmo2SchedulingHook  # type: ignore[assignment]
+    except ImportError:  # pragma: no cover - other vLLM versions
+        pass
     from molmo_vllm import cpu_fixes
 
     cpu_fixes.patch()  # vLLM 0.32's CPU backend: LoRA in mixed batches, eager PP (cpu_fixes.py)

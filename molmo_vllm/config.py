@@ -74,8 +74,9 @@ class Molmo2HFConfig(PretrainedConfig):
 
     `text_config` becomes a `Molmo2TextHFConfig` (what vLLM's `get_text_config()` returns);
     `vit_config` and `adapter_config` stay dicts. `is_mm_prefix_lm` is False: our vLLM model
-    attends causally everywhere (vLLM's CPU attention has no bidirectional image prefix; see
-    molmo_vllm/molmo2_model.py), so vLLM must not plan for one.
+    does Ai2's bidirectional image prefill itself (vLLM's CPU attention has no mm prefix-LM
+    mask, and vLLM's is per image; see molmo_vllm/molmo2_model.py), so vLLM must not plan for
+    one. `Molmo2SchedulingHook` keeps each prompt's prefill in one step.
     """
 
     model_type = "molmo2"
@@ -123,3 +124,46 @@ def preprocess_config_of(folder: str | Path) -> Any:
     return Molmo2PreprocessConfig.from_hf(
         json.loads(pre.read_text()), json.loads(proc.read_text()) if proc.is_file() else None
     )
+
+
+class Molmo2SchedulingHook:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`, registered by `register()`)
+    for Molmo 2: every prompt is prefilled in ONE step, from no cached prefix.
+
+    Our vLLM model reproduces Ai2's bidirectional image prefill (image tokens see every image
+    token of the prompt; molmo_vllm/molmo2_model.py) only for a sequence whose whole prompt is
+    in the step. A chunk of a prompt cannot know the images of later chunks, and a cached
+    prefix's image keys would depend on the images after it, so chunked prefill and prefix
+    caching are turned off (`max_num_batched_tokens` raised to `max_model_len` when lower).
+    """
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        sched, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        max_len = vllm_config.model_config.max_model_len
+        changed = []
+        if sched.enable_chunked_prefill:
+            sched.enable_chunked_prefill = False
+            changed.append("chunked prefill off")
+        sched.long_prefill_token_threshold = 0
+        if sched.max_num_batched_tokens < max_len:
+            sched.max_num_batched_tokens = max_len
+            sched.max_num_encoder_input_tokens = sched.encoder_cache_size = max(
+                sched.max_num_encoder_input_tokens, max_len
+            )
+            changed.append(f"max_num_batched_tokens {max_len}")
+        if getattr(sched, "max_num_scheduled_tokens", None) is not None:
+            sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+        if cache.enable_prefix_caching:
+            cache.enable_prefix_caching = False
+            changed.append("prefix caching off")
+        if changed:
+            import logging
+
+            logging.getLogger("molmo_vllm").info(
+                "Molmo 2 (bidirectional image prefill needs whole prompts): %s", ", ".join(changed)
+            )
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        return

@@ -21,11 +21,24 @@ each tensor is checked against the shapes of the PyTorch reference model
 (molmo_model.molmo2.model) built from the same config; a missing, unexpected or mis-shaped
 tensor raises an error naming it.
 
-Attention is causal everywhere. Ai2's model also lets image tokens attend to each other both
-ways during prefill (`token_type_ids`); vLLM 0.32's CPU attention cannot (its mm prefix-LM
-mask exists only for FlexAttention / FlashAttention 4 on GPUs, and covers one image's span at
-a time, not all images as Ai2 does), so `Molmo2HFConfig` sets `is_mm_prefix_lm` False and the
-model equals the reference run in causal mode (tests/test_molmo2_vllm.py measures both).
+Attention follows Ai2's mask: during prefill image tokens (the ids the reference marks in
+`token_type_ids`: <im_patch>, <im_col>, <im_start>, <low_res_im_start>, <frame_start>,
+<im_end>, <frame_end>, <im_low>) attend to every image token of the prompt, across all its
+images; text stays causal. vLLM 0.32's CPU attention is causal only (its mm prefix-LM mask
+exists for FlexAttention / FlashAttention 4 on GPUs, one image's span at a time), so
+`Molmo2HFConfig` keeps `is_mm_prefix_lm` False and each layer does this instead:
+vLLM's `Attention` runs as always (it writes the KV cache, returns the causal output); for a
+sequence of the step that prefills its WHOLE prompt (no computed tokens before the step) and
+holds image tokens, the image rows of that output are recomputed with torch SDPA under Ai2's
+mask (causal OR key is an image token) from the q/k/v in hand, before attn_out. Text rows are
+already right (a text query's mask is causal). The next layer's input is then Ai2's, so the
+cached keys/values are too. The plan (rows, masks) is built once per step in `forward()` from
+the forward context's query_start_loc / seq_lens and the raw token ids
+(`requires_raw_input_tokens`); decode-only steps build none and skip the fix-up; it runs as a
+custom op (`torch.ops.molmo.molmo2_image_prefill`), opaque to torch.compile. A prompt must be
+prefilled in one step: `config.Molmo2SchedulingHook` turns chunked prefill and prefix
+caching off for Molmo 2; a prefill with image tokens that still continues a sequence stays
+causal and is counted in `CAUSAL_FALLBACKS` (logged once).
 
 Supported decoders: Qwen3 (Molmo2-4B / -8B: pre-norm, per-head q/k norm). OLMo 3 (Molmo2-O-7B:
 norm_after, q/k norm over all heads, which tensor parallelism would have to gather) is refused
@@ -39,13 +52,16 @@ names are the release's, so no mapper), quantization through vLLM's linear layer
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 import torch
 from torch import nn
+from torch.library import Library
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import MulAndSilu
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -78,6 +94,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from molmo_model.molmo2.config import Molmo2Config, Molmo2TextConfig
 from molmo_model.molmo2.vision import Molmo2VisionBackbone, flat_token_pooling
@@ -88,6 +105,8 @@ from molmo_vllm.molmo2_processor import (
     Molmo2MultiModalProcessor,
     Molmo2ProcessingInfo,
 )
+
+logger = init_logger(__name__)
 
 
 class Molmo2ImageKwargs(TypedDict):
@@ -123,6 +142,100 @@ def check_supported(cfg: Molmo2TextConfig) -> None:
                          "molmo_vllm (only 'qwen3')")  # fmt: skip
     if cfg.rope_scaling_layers is not None:
         raise ValueError("text_config.rope_scaling_layers is not supported by molmo_vllm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ai2's bidirectional image prefill
+# ---------------------------------------------------------------------------------------------
+
+
+def image_token_ids(config: Molmo2Config) -> torch.Tensor:
+    """The ids the reference marks in token_type_ids (Molmo2TokenIds.image_token_ids):
+    <im_patch>, <im_col>, <im_start>, <low_res_im_start>, <frame_start>, <im_end>,
+    <frame_end>, <im_low>; config.json names them (TOKEN_ID_FIELDS)."""
+    ids = [v for v in config.token_ids.values() if v is not None]
+    return torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.long)
+
+
+class _SeqPlan(NamedTuple):
+    """One sequence of the step: rows [start, end) of the flattened batch, its image query
+    rows (absolute), and the mask [n_image_rows, end - start] (causal OR key is an image)."""
+
+    start: int
+    end: int
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+
+_STEP_PLAN: list[_SeqPlan] | None = None  # set by the model's forward for one step
+CAUSAL_FALLBACKS = 0  # prefills with image tokens that were not whole prompts (left causal)
+
+
+def image_prefill_plan(
+    input_ids: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, image_ids: torch.Tensor
+) -> list[_SeqPlan] | None:
+    """Which sequences of a step prefill their whole prompt (no computed tokens before the
+    step) holding image tokens: those get Ai2's mask. A prefill that continues a sequence
+    (a cached prefix or a chunk; config.Molmo2SchedulingHook turns both off) and holds image
+    tokens keeps vLLM's causal output and is counted in CAUSAL_FALLBACKS."""
+    global CAUSAL_FALLBACKS
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    ids = input_ids.to("cpu")
+    plan = []
+    for i, seq_len in enumerate(lens[: len(qsl) - 1]):
+        s, e = qsl[i], qsl[i + 1]
+        if e - s <= 1:
+            continue  # decode
+        img = torch.isin(ids[s:e], image_ids)  # [L]
+        if not bool(img.any()):
+            continue
+        if seq_len != e - s:
+            CAUSAL_FALLBACKS += 1
+            if CAUSAL_FALLBACKS == 1:
+                logger.warning("Molmo 2: a prefill with image tokens continues a sequence "
+                               "(chunked prefill or prefix caching): left causal")  # fmt: skip
+            continue
+        pos = img.nonzero().reshape(-1)  # image query rows within the sequence
+        n = e - s
+        causal = torch.arange(n)[None, :] <= pos[:, None]  # [n_img, L]
+        mask = causal | img[None, :]
+        plan.append(_SeqPlan(s, e, (pos + s).to(input_ids.device), mask.to(input_ids.device)))
+    return plan or None
+
+
+def _molmo2_image_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, head_dim: int
+) -> None:
+    """Replaces the image rows of `out` ([T, Hq * D], vLLM's causal attention output) by
+    attention under Ai2's mask, from the step's q [T, Hq * D], k, v [T, Hkv * D] (normed,
+    rotated): per planned sequence, its image queries against all its keys."""
+    plan = _STEP_PLAN
+    if plan is None:
+        return
+    hd = head_dim
+    for p in plan:
+        qs = q[p.rows].view(len(p.rows), -1, hd).transpose(0, 1)  # [Hq, n_img, D]
+        ks = k[p.start : p.end].view(p.end - p.start, -1, hd).transpose(0, 1)  # [Hkv, L, D]
+        vs = v[p.start : p.end].view(p.end - p.start, -1, hd).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=p.mask, scale=hd**-0.5, enable_gqa=ks.shape[0] != qs.shape[0]
+        )  # [Hq, n_img, D]
+        out[p.rows] = o.transpose(0, 1).reshape(len(p.rows), -1).to(out.dtype)
+
+
+def _molmo2_image_prefill_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, head_dim: int
+) -> None:
+    return None
+
+
+# A custom op mutating `out`: opaque to torch.compile (the step's plan is read when it runs).
+_LIB = Library("molmo", "FRAGMENT")
+direct_register_custom_op(
+    "molmo2_image_prefill", _molmo2_image_prefill, mutates_args=["out"],
+    fake_impl=_molmo2_image_prefill_fake, target_lib=_LIB,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +294,12 @@ class Molmo2SelfAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self._norm_heads(self.q_norm, q), self._norm_heads(self.k_norm, k)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.attn_out(self.attn(q, k, v))
+        o = self.attn(q, k, v)  # [T, Hq * D]: causal (vLLM's backend), KV cache written
+        # Ai2's bidirectional image prefill: a no-op unless this step prefills a whole prompt
+        # with images (decode steps skip it in eager mode; compiled, the op returns at once).
+        if torch.compiler.is_compiling() or _STEP_PLAN is not None:
+            torch.ops.molmo.molmo2_image_prefill(q, k, v, o, self.head_dim)
+        out, _ = self.attn_out(o)
         return out
 
 
@@ -327,6 +445,8 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
     # LoRA: the fused projections are one adapter module each (PEFT adapts them fused).
     packed_modules_mapping = {"att_proj": ["att_proj"], "ff_proj": ["ff_proj"]}
     embedding_modules: dict[str, str] = {}
+    # forward() gets the token ids too (beside the embeddings): they say which are image tokens.
+    requires_raw_input_tokens = True
 
     def get_mm_mapping(self) -> MultiModelKeys:
         return MultiModelKeys.from_string_field(
@@ -346,6 +466,7 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         self.config = vllm_config.model_config.hf_config  # vLLM's LoRA manager reads it
         self.molmo2_config = molmo2_config_of(self.config)
         text = self.molmo2_config.text
+        self.image_token_ids = image_token_ids(self.molmo2_config)
         # The tower is skipped when images are off (limit 0), the decoder in encoder-only mode.
         with self._mark_composite_model(
             vllm_config,
@@ -396,7 +517,25 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor | IntermediateTensors:
-        return self.model.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
+        global _STEP_PLAN
+        _STEP_PLAN = self._image_prefill_plan(input_ids)
+        try:
+            return self.model.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
+        finally:
+            _STEP_PLAN = None
+
+    def _image_prefill_plan(self, input_ids: torch.Tensor | None) -> list[_SeqPlan] | None:
+        """The sequences of this step that get Ai2's bidirectional image prefill, or None."""
+        if input_ids is None or not is_forward_context_available():
+            return None
+        meta = get_forward_context().attn_metadata
+        if not isinstance(meta, dict) or not meta:
+            return None  # profiling / dummy runs (None), micro-batching (list): causal
+        layer = self.model.transformer.blocks[self.model.transformer.start_layer]
+        md = meta.get(layer.self_attn.attn.layer_name)
+        if md is None or getattr(md, "max_query_len", 1) <= 1:
+            return None  # decode only
+        return image_prefill_plan(input_ids, md.query_start_loc, md.seq_lens, self.image_token_ids)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)

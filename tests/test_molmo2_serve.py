@@ -3,7 +3,7 @@ eager) on a `molmo init --preset molmo2-tiny` checkpoint, driven by the official
 client and httpx. One server for the module (~60-80 s on 2 CPU cores).
 
 The random model's words are noise, so the answers are checked against our PyTorch
-reference (molmo_model.molmo2, causal like vLLM's CPU attention, greedy): one image and two
+reference (molmo_model.molmo2 with Ai2's bidirectional image prefill, greedy): one image and two
 images in one request give the reference's tokens and prompt length. /v1/point answers on one
 image with the same text as the chat route asked the same question. That Molmo 2's points
 (`coords="t id x y ..."`, 0-1000) land in the pixels of the image they name is checked on
@@ -74,6 +74,7 @@ def reference_answer(reference, question: str, images) -> tuple[str, int, int]:
         model, inputs.input_ids, max_new_tokens=MAX_TOKENS, eos_id=tokenizer.eos_id,
         pixel_values=inputs.pixel_values, image_token_pooling=inputs.image_token_pooling,
         image_grids=inputs.image_grids, image_num_crops=inputs.image_num_crops,
+        token_type_ids=inputs.token_type_ids[None],
     )  # fmt: skip
     tokens = [t for t in out.tokens if t != tokenizer.eos_id]
     text = tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")

@@ -6,10 +6,10 @@ The prompt is built once by the one prompt builder (molmo_vllm.prompt.build_prom
 reference gets the same chat through Molmo2Preprocessor.build_prompt, and the test checks
 that vLLM's expanded prompt ids are the reference's. Then, for one image and for two images
 in one prompt: the greedy tokens are equal and the first token's top-5 log-probs agree
-within 1e-4, against the reference in CAUSAL mode (no token_type_ids), which is what vLLM's
-CPU attention computes. The gap to Ai2's bidirectional image prefill (the reference with
-token_type_ids) is measured and printed (`-s` shows it), not bounded: it is a property of
-the weights (random here).
+within 1e-4, against the reference in its default mode, Ai2's: image tokens attend to each
+other both ways during prefill (token_type_ids), which our vLLM model reproduces on vLLM's
+causal CPU attention (molmo2_model.py: image rows recomputed under Ai2's mask). The causal
+reference's distance is printed (`-s` shows it) and must be far larger than vLLM's.
 
 ~50 s on 2 CPU cores (engine start ~35 s).
 """
@@ -88,9 +88,9 @@ def reference_run(reference, images, bidirectional: bool):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_vllm_matches_causal_reference(case, reference, engine_outputs):
+def test_vllm_matches_reference(case, reference, engine_outputs):
     images = CASES[case]
-    inputs, ref = reference_run(reference, images, bidirectional=False)
+    inputs, ref = reference_run(reference, images, bidirectional=True)
     out = engine_outputs[case]
     assert out.prompt_token_ids == inputs.input_ids.tolist()  # the same prompt, images expanded
     got = out.outputs[0]
@@ -103,8 +103,48 @@ def test_vllm_matches_causal_reference(case, reference, engine_outputs):
     assert top_ref[0] == got.token_ids[0] and set(top_ref) <= set(first)
     assert diff < 1e-4, f"{case}: first-token log-probs differ by {diff:.2e}"
 
-    _, bidi = reference_run(reference, images, bidirectional=True)
-    gap = float((bidi.logprobs[0].reshape(-1)[top_ref] - ref_lp[top_ref]).abs().max())
-    print(f"\n{case}: vLLM vs causal reference {diff:.1e}; bidirectional vs causal reference "
-          f"(first-token top-{TOP} log-probs) {gap:.3f}; tokens {ref.tokens} / {bidi.tokens}")  # fmt: skip
-    assert gap > 0  # the bidirectional prefill is on in the reference (a different mask)
+    # The mask matters: the causal reference is measurably elsewhere.
+    _, causal = reference_run(reference, images, bidirectional=False)
+    gap = float((causal.logprobs[0].reshape(-1)[top_ref] - ref_lp[top_ref]).abs().max())
+    print(f"\n{case}: vLLM vs reference (Ai2's bidirectional image prefill) {diff:.1e}; causal "
+          f"reference vs it (first-token top-{TOP} log-probs) {gap:.3f}; tokens {ref.tokens} / "
+          f"{causal.tokens}")  # fmt: skip
+    assert gap > 10 * diff
+
+
+def test_image_prefill_plan_and_mask():
+    """The step plan: a whole-prompt prefill with image tokens gets Ai2's mask (the
+    reference's prefill_mask, image query rows); a decode gets nothing; a prefill that
+    continues a sequence (chunk / cached prefix) stays causal and is counted."""
+    from molmo_model.molmo2.model import Molmo2ForConditionalGeneration as Reference
+    from molmo_vllm import molmo2_model as m
+
+    img_ids = torch.tensor([7, 8])
+    seq = torch.tensor([1, 7, 8, 8, 2, 7, 8, 3])  # text, image, text, image, text
+    ids = torch.cat([seq, torch.tensor([5]), torch.tensor([8, 8, 4])])  # + decode + continuation
+    qsl = torch.tensor([0, 8, 9, 12])
+    seq_lens = torch.tensor([8, 20, 30])
+    before = m.CAUSAL_FALLBACKS
+    plan = m.image_prefill_plan(ids, qsl, seq_lens, img_ids)
+    assert m.CAUSAL_FALLBACKS == before + 1 and len(plan) == 1
+    p = plan[0]
+    img = torch.isin(seq, img_ids)
+    assert (p.start, p.end) == (0, 8) and p.rows.tolist() == img.nonzero().reshape(-1).tolist()
+    want = Reference.prefill_mask(None, img[None].long(), 0)[0, 0]  # [S, S]
+    assert torch.equal(p.mask, want[img])
+    assert m.image_prefill_plan(ids[8:9], torch.tensor([0, 1]), torch.tensor([20]), img_ids) is None
+
+
+def test_scheduling_hook_keeps_prompts_whole():
+    from types import SimpleNamespace
+
+    from molmo_vllm.config import Molmo2SchedulingHook
+
+    sched = SimpleNamespace(enable_chunked_prefill=True, long_prefill_token_threshold=64,
+                            max_num_batched_tokens=512, max_num_encoder_input_tokens=512,
+                            encoder_cache_size=512, max_num_scheduled_tokens=None)  # fmt: skip
+    cfg = SimpleNamespace(scheduler_config=sched, cache_config=SimpleNamespace(enable_prefix_caching=True),
+                          model_config=SimpleNamespace(max_model_len=2048))  # fmt: skip
+    Molmo2SchedulingHook.verify_and_update_config(cfg)
+    assert not sched.enable_chunked_prefill and not cfg.cache_config.enable_prefix_caching
+    assert sched.max_num_batched_tokens == 2048 and sched.long_prefill_token_threshold == 0
