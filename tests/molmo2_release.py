@@ -32,7 +32,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from molmo_model.molmo2.config import Molmo2Config
 from molmo_model.molmo2.model import Molmo2ForConditionalGeneration
-from molmo_model.tokenizer import MolmoTokenizer
+from molmo_model.tokenizer import Molmo2Tokenizer
 
 GOLDEN_PATH = Path(__file__).parent / "golden" / "ai2_molmo2.json"
 SEED = 0
@@ -130,7 +130,9 @@ def byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + k) for k in range(len(rest))]
 
 
-def release_tokenizer() -> MolmoTokenizer:
+def release_tokenizer() -> Molmo2Tokenizer:
+    """Byte-level, the release's special ids, and its BOS = EOS = `<|im_end|>` (what vLLM's
+    processor reads from tokenizer_config.json)."""
     vocab = {ch: i for i, ch in enumerate(byte_symbols())}
     vocab.update({f"<unused_{i}>": i for i in range(len(vocab), QWEN3_BASE_VOCAB)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -145,7 +147,7 @@ def release_tokenizer() -> MolmoTokenizer:
             for t in (*QWEN3_ADDED, *pad, *MOLMO2_TOKENS)
         ]
     )
-    out = MolmoTokenizer(tok)
+    out = Molmo2Tokenizer(tok)
     assert (
         out.token_to_id("<|im_end|>") == 151645 and out.token_to_id("<im_start>") == EMBEDDING_SIZE
     )

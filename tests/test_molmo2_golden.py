@@ -13,6 +13,9 @@ bidirectional attention among image tokens in the prefill and its adding of imag
 to the `<im_patch>` embeddings; `test_the_goldens_see_image_attention_and_add_not_replace`
 shows that plain causal attention (what vLLM 0.32's built-in molmo2 does) or replacing moves
 the log-probabilities past the tolerance, by as much as Ai2's own code moves them.
+`test_vllm_matches_ai2` runs the same checkpoint through vLLM with our plugin (prompts from
+the server's prompt builder): Ai2's prompt ids, greedy tokens and first-token top 5, for one
+and two images.
 
 How tests/golden/ai2_molmo2.json was made (once, outside the repository; none of Ai2's code is
 here): Ai2's Molmo 2 HF code (configuration, modeling, image/video processing and processing
@@ -46,6 +49,7 @@ import molmo2_release
 import numpy as np
 import pytest
 import torch
+from helpers import vllm_engine
 from safetensors import safe_open
 
 from molmo_model.checkpoint import load_checkpoint
@@ -298,3 +302,37 @@ def test_the_goldens_see_image_attention_and_add_not_replace(release, runs, case
     assert moved == pytest.approx(
         golden["replace_not_add_max_abs_diff_on_golden_top5"], abs=LOGPROB_ATOL
     )
+
+
+# ---------------------------------------------------------------- through vLLM
+
+
+@pytest.mark.vllm
+def test_vllm_matches_ai2(molmo2_release_path: Path):
+    """Our vLLM model (with its bidirectional image prefill) on the same checkpoint, prompts
+    from the server's prompt builder: Ai2's prompt ids, its 12 greedy tokens and its first
+    token's top 5 within 1e-3, for one image and two images in one prompt."""
+    from vllm import SamplingParams
+
+    from molmo_model.tokenizer import Molmo2Tokenizer
+    from molmo_vllm.prompt import build_prompt
+
+    tok = Molmo2Tokenizer.from_dir(molmo2_release_path)
+    cases = ["single_image", "two_images"]
+    with threads(1):  # the images' resize, as the goldens were made
+        prompts = [build_prompt(tok, CASES[c][0], [molmo2_release.image(n) for n in CASES[c][1]]) for c in cases]
+    params = SamplingParams(temperature=0.0, max_tokens=GOLDEN["new_tokens"], logprobs=5, ignore_eos=True)
+    with vllm_engine(molmo2_release_path, max_model_len=2048, max_num_seqs=2,
+                     limit_mm_per_prompt={"image": 2}, skip_mm_profiling=True) as llm:  # fmt: skip
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    worst = 0.0
+    for case, out in zip(cases, outs, strict=True):
+        golden = GOLDEN["cases"][case]
+        assert list(out.prompt_token_ids) == golden["prompt_ids"], case
+        got = out.outputs[0]
+        assert list(got.token_ids) == golden["greedy_tokens"], case
+        first = {i: lp.logprob for i, lp in got.logprobs[0].items()}
+        diffs = [abs(first[i] - lp) for i, lp in golden["top5_first_logprobs"]]
+        assert max(diffs) < LOGPROB_ATOL, (case, diffs)
+        worst = max(worst, *diffs)
+    print(f"vLLM: largest first-token log-prob difference to Ai2's code {worst:.2e}")
