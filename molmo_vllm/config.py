@@ -126,6 +126,22 @@ def preprocess_config_of(folder: str | Path) -> Any:
     )
 
 
+def video_config_of(folder: str | Path) -> Any:
+    """A Molmo 2 checkpoint's video sampling and layout (`Molmo2VideoConfig`): Ai2's
+    video_preprocessor_config.json (+ processor_config.json) when the folder has them, else
+    the released defaults."""
+    from molmo_model.molmo2.preprocessing import Molmo2VideoConfig
+
+    folder = Path(folder)
+    pre = folder / "video_preprocessor_config.json"
+    if not pre.is_file():
+        return Molmo2VideoConfig()
+    proc = folder / "processor_config.json"
+    return Molmo2VideoConfig.from_hf(
+        json.loads(pre.read_text()), json.loads(proc.read_text()) if proc.is_file() else None
+    )
+
+
 class Molmo2SchedulingHook:
     """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`, registered by `register()`)
     for Molmo 2: every prompt is prefilled in ONE step, from no cached prefix.

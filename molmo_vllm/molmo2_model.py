@@ -42,7 +42,14 @@ causal and is counted in `CAUSAL_FALLBACKS` (logged once).
 
 Supported decoders: Qwen3 (Molmo2-4B / -8B: pre-norm, per-head q/k norm). OLMo 3 (Molmo2-O-7B:
 norm_after, q/k norm over all heads, which tensor parallelism would have to gather) is refused
-by name. Images only (no video yet).
+by name.
+
+Video (one per prompt, never with images): the frames go through the same vision backbone
+as the reference's `video_features` (molmo_model.molmo2.model: each frame's 729 patches,
+pooled 3x3 by video_token_pooling into 81 features) and are added at the video's
+`<im_patch>` positions; the frame tokens (<frame_start>, <im_patch>, <frame_end>) are image
+tokens of the mask above, exactly as the reference's token_type_ids mark them (the
+timestamp texts between frames are text).
 
 Interfaces: `SupportsPP` (blocks split by `make_layers`, the vision tower on the first rank),
 `SupportsLoRA` (att_proj and ff_proj are packed modules in Ai2's fused layout, as v1's; adapter
@@ -97,7 +104,11 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from molmo_model.molmo2.config import Molmo2Config, Molmo2TextConfig
-from molmo_model.molmo2.vision import Molmo2VisionBackbone, flat_token_pooling
+from molmo_model.molmo2.vision import (
+    Molmo2VisionBackbone,
+    flat_token_pooling,
+    video_rows_and_patches,
+)
 from molmo_model.vision import add_image_features
 from molmo_vllm.config import molmo2_config_of
 from molmo_vllm.molmo2_processor import (
@@ -459,7 +470,9 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return "<|image|>"
-        raise ValueError(f"molmo_vllm's Molmo 2 accepts images only, not {modality!r}")
+        if modality.startswith("video"):
+            return "<|video|>"
+        raise ValueError(f"molmo_vllm's Molmo 2 accepts images and video, not {modality!r}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -467,11 +480,11 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         self.molmo2_config = molmo2_config_of(self.config)
         text = self.molmo2_config.text
         self.image_token_ids = image_token_ids(self.molmo2_config)
-        # The tower is skipped when images are off (limit 0), the decoder in encoder-only mode.
-        with self._mark_composite_model(
-            vllm_config,
-            language_targets=Molmo2Transformer,
-            tower_targets={"image": Molmo2VisionBackbone},
+        # The tower is skipped when images and video are off (limit 0), the decoder in
+        # encoder-only mode.
+        with (
+            self._mark_language_model(vllm_config, targets=Molmo2Transformer),
+            self._mark_tower_model(vllm_config, {"image", "video"}, targets=Molmo2VisionBackbone),
         ):
             self.model = Molmo2Model(self.molmo2_config, vllm_config, maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(
@@ -483,7 +496,10 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
 
     # ---- images ----
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """One tensor per image: [m_i, d], the features of its `<im_patch>` tokens in order."""
+        """One tensor per image (video): [m_i, d], the features of its `<im_patch>` tokens in
+        order. vLLM calls this once per modality."""
+        if kwargs.get("pixel_values_videos") is not None:
+            return self._video_features(kwargs)
         inputs = _image_inputs(kwargs)
         if inputs is None:
             return []
@@ -493,6 +509,16 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         pooling = flat_token_pooling(inputs["image_token_pooling"].to(pixels.device), num_tokens, patches)
         feats = self.model.vision_backbone(pixels, pooling)  # [M, d]
         return list(feats.split(num_tokens.tolist()))
+
+    def _video_features(self, kwargs: dict[str, object]) -> list[torch.Tensor]:
+        """The reference's `video_features`, per video: pixel_values_videos [F, 729, 588],
+        video_token_pooling [F * 81, 9] (each video's own frames), video_grids [n, 3]."""
+        pixels = torch.as_tensor(kwargs["pixel_values_videos"])
+        grids = torch.as_tensor(kwargs["video_grids"]).reshape(-1, 3).cpu()
+        rows, patches = video_rows_and_patches(grids, pixels.shape[1])
+        pooling = torch.as_tensor(kwargs["video_token_pooling"]).to(pixels.device)
+        feats = self.model.vision_backbone(pixels, flat_token_pooling(pooling, rows, patches))
+        return list(feats.split(rows.tolist()))
 
     def embed_input_ids(
         self,

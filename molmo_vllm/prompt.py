@@ -33,7 +33,13 @@ from typing import Any, Protocol
 from molmo_model.molmo2.preprocessing import _CHAT_END as _M2_CHAT_END  # the pieces' markers
 from molmo_model.molmo2.preprocessing import _CHAT_START as _M2_CHAT_START
 from molmo_model.molmo2.preprocessing import _IMAGE as _M2_IMAGE
-from molmo_model.molmo2.preprocessing import CHAT_END, CHAT_START, molmo2_chat_pieces
+from molmo_model.molmo2.preprocessing import _VIDEO as _M2_VIDEO
+from molmo_model.molmo2.preprocessing import (
+    CHAT_END,
+    CHAT_START,
+    VIDEO_PROMPT,
+    molmo2_chat_pieces,
+)
 from molmo_model.preprocessing import prompt_text
 from molmo_model.tokenizer import Molmo2Tokenizer
 
@@ -116,11 +122,16 @@ def parse_chat(messages: str | Sequence[Mapping[str, Any]]) -> Chat:
     return chat
 
 
-def prompt_token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], num_images: int) -> list[int]:
+def prompt_token_ids(
+    tokenizer: Tokenizer, turns: list[dict[str, str]], num_images: int, num_videos: int = 0
+) -> list[int]:
     """Molmo: BOS + one `<|image|>` per image + the tokens of the chat's text. A Molmo 2
-    tokenizer (`Molmo2Tokenizer`) gets Molmo 2's layout instead (`molmo2_prompt_token_ids`)."""
+    tokenizer (`Molmo2Tokenizer`) gets Molmo 2's layout instead (`molmo2_prompt_token_ids`);
+    only Molmo 2 takes a video."""
     if isinstance(tokenizer, Molmo2Tokenizer):
-        return molmo2_prompt_token_ids(tokenizer, turns, num_images)
+        return molmo2_prompt_token_ids(tokenizer, turns, num_images, num_videos)
+    if num_videos:
+        raise PromptError("Molmo (v1) does not take video; Molmo 2 does")
     try:
         text = prompt_text(turns)
         text.encode("utf-8")  # lone surrogates ("\ud800") pass JSON and pydantic, not tokenizers
@@ -132,21 +143,25 @@ def prompt_token_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], num_imag
 
 
 def molmo2_prompt_token_ids(
-    tokenizer: Molmo2Tokenizer, turns: list[dict[str, str]], num_images: int
+    tokenizer: Molmo2Tokenizer, turns: list[dict[str, str]], num_images: int, num_videos: int = 0
 ) -> list[int]:
     """Molmo 2 (Ai2's chat template, molmo_model.molmo2.preprocessing.molmo2_chat_pieces):
     BOS `<|im_end|>`, the images first ("<|image|>" for one, "Image 1<|image|>Image 2<|image|>..."
-    for several), then Qwen3 turns and the generation prompt. Molmo 2 has no system role:
-    system text is prepended to the first user turn, as Molmo's format does."""
+    for several) or the video (`<|video|>`, which the processor expands into its frames),
+    then Qwen3 turns and the generation prompt. Molmo 2 has no system role: system text is
+    prepended to the first user turn, as Molmo's format does."""
+    if num_videos and num_images:
+        raise PromptError("Molmo 2 takes images or a video in one prompt, not both")
     system = " ".join(t["content"] for t in turns if t["role"] == "system" and t["content"])
     chat = [dict(t) for t in turns if t["role"] != "system"]
     if system and chat:
         chat[0]["content"] = f"{system} {chat[0]['content']}".strip()
     markers = {_M2_IMAGE: tokenizer.image_id, _M2_CHAT_START: tokenizer.token_to_id(CHAT_START),
-               _M2_CHAT_END: tokenizer.token_to_id(CHAT_END)}  # fmt: skip
+               _M2_CHAT_END: tokenizer.token_to_id(CHAT_END),
+               _M2_VIDEO: tokenizer.token_to_id(VIDEO_PROMPT)}  # fmt: skip
     try:
         ids = [tokenizer.bos_id]
-        for piece in molmo2_chat_pieces(chat, num_images):
+        for piece in molmo2_chat_pieces(chat, num_images, num_videos):
             if isinstance(piece, str):
                 piece.encode("utf-8")  # lone surrogates pass JSON and pydantic, not tokenizers
                 ids += tokenizer.encode(piece)
@@ -159,12 +174,17 @@ def molmo2_prompt_token_ids(
     return ids
 
 
-def engine_prompt(token_ids: list[int], images: Sequence[Any] = ()) -> dict[str, Any]:
+def engine_prompt(
+    token_ids: list[int], images: Sequence[Any] = (), video: Any = None
+) -> dict[str, Any]:
     """The dict `LLM.generate` / `AsyncLLM.generate` take: `{"prompt_token_ids": [...],
-    "multi_modal_data": {"image": [...]}}` (no "multi_modal_data" without images)."""
+    "multi_modal_data": {"image": [...]}}` (or {"video": [video]}; no "multi_modal_data"
+    without media)."""
     prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
     if images:
         prompt["multi_modal_data"] = {"image": list(images)}
+    if video is not None:
+        prompt.setdefault("multi_modal_data", {})["video"] = [video]
     return prompt
 
 
@@ -172,11 +192,17 @@ def build_prompt(
     tokenizer: Tokenizer,
     messages: str | Sequence[Mapping[str, Any]],
     images: Sequence[Any] = (),
+    video: Any = None,
 ) -> dict[str, Any]:
     """The engine prompt of a chat whose images are already decoded (PIL images, in order).
 
     messages: a question string, or OpenAI-style [{"role", "content"}] (rules above); when
               they hold image parts there must be exactly one image per part.
+    video:    Molmo 2 only, instead of images: decoded frames uint8 [T, H, W, 3], or
+              `(frames, {"fps": fps})` (vLLM's video item; without fps the processor takes
+              2 frames a second, molmo_vllm.molmo2_processor.DEFAULT_VIDEO_FPS). The prompt
+              is Molmo2Preprocessor.build_prompt(messages, video=...)'s once the processor
+              expands `<|video|>`.
     """
     chat = parse_chat(messages)
     images = list(images)
@@ -185,7 +211,8 @@ def build_prompt(
             f"the messages hold {len(chat.images)} image part(s) but {len(images)} image(s) "
             "were given"
         )
-    return engine_prompt(prompt_token_ids(tokenizer, chat.turns, len(images)), images)
+    n_videos = int(video is not None)
+    return engine_prompt(prompt_token_ids(tokenizer, chat.turns, len(images), n_videos), images, video)
 
 
 def point_question(obj: str) -> str:

@@ -10,6 +10,8 @@ within 1e-4, against the reference in its default mode, Ai2's: image tokens atte
 other both ways during prefill (token_type_ids), which our vLLM model reproduces on vLLM's
 causal CPU attention (molmo2_model.py: image rows recomputed under Ai2's mask). The causal
 reference's distance is printed (`-s` shows it) and must be far larger than vLLM's.
+A 4-frame video (vLLM's "video" modality, `(frames, {"fps": 2})`) is checked the same way:
+its frame tokens are image tokens of Ai2's mask, its timestamps text.
 
 ~50 s on 2 CPU cores (engine start ~35 s).
 """
@@ -38,9 +40,21 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-CASES = {  # name -> images; 640x480 tiles 2x2, 300x200 1x1
+def drawn_video(frames: int = 4, width: int = 320, height: int = 240) -> np.ndarray:
+    """uint8 [T, H, W, 3]: a red square moving right over noise."""
+    rng = np.random.default_rng(3)
+    video = np.repeat(rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8), frames, axis=0)
+    for t in range(frames):
+        x = 20 + 60 * t
+        video[t, 80:160, x : x + 80] = (255, 0, 0)
+    return video
+
+
+VIDEO_FPS = 2.0  # 4 frames at 2 fps: Molmo 2 samples all four (timestamps 0.0 .. 1.5)
+CASES = {  # name -> images (or the video); 640x480 tiles 2x2, 300x200 1x1
     "one_image": [noise_image(640, 480, 1)],
     "two_images": [noise_image(640, 480, 1), noise_image(300, 200, 2)],
+    "video": drawn_video(),
 }
 
 
@@ -66,23 +80,33 @@ def engine_outputs(checkpoint, reference):
     register()
     _, tokenizer = reference
     llm = vllm.LLM(model=str(checkpoint), dtype="float32", enforce_eager=True, seed=0,
-                   max_model_len=2048, max_num_seqs=2, limit_mm_per_prompt={"image": 2})  # fmt: skip
+                   max_model_len=2048, max_num_seqs=2,
+                   limit_mm_per_prompt={"image": 2, "video": 1})  # fmt: skip
     params = vllm.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP)
-    prompts = [build_prompt(tokenizer, QUESTION, images) for images in CASES.values()]
+    prompts = [
+        build_prompt(tokenizer, QUESTION, video=(media, {"fps": VIDEO_FPS}))
+        if isinstance(media, np.ndarray)
+        else build_prompt(tokenizer, QUESTION, media)
+        for media in CASES.values()
+    ]
     outs = llm.generate(prompts, params, use_tqdm=False)
     del llm
     return dict(zip(CASES, outs, strict=True))
 
 
-def reference_run(reference, images, bidirectional: bool):
+def reference_run(reference, media, bidirectional: bool):
     model, tokenizer = reference
-    inputs = Molmo2Preprocessor(Molmo2PreprocessConfig(), tokenizer).build_prompt(QUESTION, images)
+    pre = Molmo2Preprocessor(Molmo2PreprocessConfig(), tokenizer)
+    if isinstance(media, np.ndarray):
+        inputs = pre.build_prompt(QUESTION, video=pre.preprocess_video(media, VIDEO_FPS))
+    else:
+        inputs = pre.build_prompt(QUESTION, media)
+    mm = inputs.model_inputs()
+    del mm["input_ids"], mm["token_type_ids"]
     extra = {"token_type_ids": inputs.token_type_ids[None]} if bidirectional else {}
     result = generate(
         model, inputs.input_ids, max_new_tokens=MAX_TOKENS, eos_id=tokenizer.eos_id,
-        return_logprobs=True, pixel_values=inputs.pixel_values,
-        image_token_pooling=inputs.image_token_pooling, image_grids=inputs.image_grids,
-        image_num_crops=inputs.image_num_crops, **extra,
+        return_logprobs=True, **mm, **extra,
     )  # fmt: skip
     return inputs, result
 
@@ -92,7 +116,7 @@ def test_vllm_matches_reference(case, reference, engine_outputs):
     images = CASES[case]
     inputs, ref = reference_run(reference, images, bidirectional=True)
     out = engine_outputs[case]
-    assert out.prompt_token_ids == inputs.input_ids.tolist()  # the same prompt, images expanded
+    assert out.prompt_token_ids == inputs.input_ids.tolist()  # the same prompt, media expanded
     got = out.outputs[0]
     assert list(got.token_ids) == ref.tokens
     first = got.logprobs[0]  # {token id: Logprob}
@@ -148,3 +172,33 @@ def test_scheduling_hook_keeps_prompts_whole():
     Molmo2SchedulingHook.verify_and_update_config(cfg)
     assert not sched.enable_chunked_prefill and not cfg.cache_config.enable_prefix_caching
     assert sched.max_num_batched_tokens == 2048 and sched.long_prefill_token_threshold == 0
+
+
+def test_video_items():
+    """A video item's frames and fps: vLLM's (frames, metadata) pair, bare frames at the
+    default 2 fps, frames as a list; a loader's sample (frames_indices) and non-uint8 refused."""
+    from molmo_vllm.molmo2_processor import DEFAULT_VIDEO_FPS, video_frames_and_fps
+
+    video = drawn_video(3, 32, 24)
+    frames, fps = video_frames_and_fps((video, {"fps": 30.0, "frames_indices": [0, 1, 2]}))
+    assert fps == 30.0 and np.array_equal(frames, video)
+    assert video_frames_and_fps(video)[1] == DEFAULT_VIDEO_FPS == 2.0
+    assert np.array_equal(video_frames_and_fps([Image.fromarray(f) for f in video])[0], video)
+    with pytest.raises(ValueError, match="samples a video's frames itself"):
+        video_frames_and_fps((video, {"fps": 30.0, "frames_indices": [0, 10, 20]}))
+    with pytest.raises(ValueError, match="uint8 frames"):
+        video_frames_and_fps(video.astype(np.float32))
+
+
+def test_video_prompt(reference):
+    """build_prompt with a video: `<|video|>` where Ai2's template puts it, the video in
+    multi_modal_data; not with images, not for Molmo (v1)."""
+    from molmo_vllm.prompt import PromptError, build_prompt
+
+    _, tokenizer = reference
+    video = drawn_video(2, 32, 24)
+    prompt = build_prompt(tokenizer, QUESTION, video=video)
+    assert prompt["prompt_token_ids"][:2] == [tokenizer.bos_id, tokenizer.token_to_id("<|video|>")]
+    assert prompt["multi_modal_data"]["video"][0] is video
+    with pytest.raises(PromptError, match="images or a video"):
+        build_prompt(tokenizer, QUESTION, [noise_image(32, 32, 0)], video=video)

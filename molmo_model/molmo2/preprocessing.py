@@ -617,7 +617,17 @@ class Molmo2Preprocessor:
         pooling = np.where(one[None] >= 0, one[None] + offsets, -1).reshape(-1, ph * pw)
         h, w = _pooled(n, ph), _pooled(n, pw)
         timestamps = [float(i) / float(fps) for i in indices]
-        ids = self.ids
+        tokens = self.video_tokens(timestamps)
+        return Molmo2VideoInputs(
+            pixel_values, torch.from_numpy(pooling), (len(indices), h, w), timestamps,
+            [int(i) for i in indices], tokens,
+        )  # fmt: skip
+
+    def video_tokens(self, timestamps: Sequence[float]) -> list[int | str]:
+        """A video's layout from its frames' timestamps: token ids, and the "{t:.1f} " texts
+        as strings (tokenized as plain text where the prompt is built)."""
+        vcfg, ids, n = self.video_config, self.ids, self.config.patches_per_side
+        h, w = _pooled(n, vcfg.pooling_size[0]), _pooled(n, vcfg.pooling_size[1])
         start, end = (
             (ids.frame_start, ids.frame_end)
             if vcfg.use_frame_special_tokens
@@ -627,10 +637,7 @@ class Molmo2Preprocessor:
         tokens: list[int | str] = []
         for k, t in enumerate(timestamps):
             tokens += [(" " if k else "") + f"{t:.1f} ", start, *(row * h), end]
-        return Molmo2VideoInputs(
-            pixel_values, torch.from_numpy(pooling), (len(indices), h, w), timestamps,
-            [int(i) for i in indices], tokens,
-        )  # fmt: skip
+        return tokens
 
     def _cut(
         self, pixels: torch.Tensor, size: tuple[int, int], rows: int, cols: int, out: torch.Tensor
