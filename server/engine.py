@@ -85,7 +85,8 @@ def engine_args(config: ServerConfig) -> Any:
         "mm_device_do_normalize": config.fast_preprocessing,
         "dtype": config.dtype,
         "seed": config.seed,
-        "limit_mm_per_prompt": {"image": config.max_images},
+        # No video: the server does not take it yet (Molmo 2 would profile a longest video).
+        "limit_mm_per_prompt": {"image": config.max_images, "video": 0},
         "disable_log_stats": config.disable_log_stats,
         "structured_outputs_config": {
             "backend": config.structured_outputs_backend,
