@@ -177,9 +177,18 @@ def test_scheduling_hook_keeps_prompts_whole():
 def test_video_items():
     """A video item's frames and fps: vLLM's (frames, metadata) pair, bare frames at the
     default 2 fps, frames as a list; a loader's sample (frames_indices) and non-uint8 refused."""
-    from molmo_vllm.molmo2_processor import DEFAULT_VIDEO_FPS, video_frames_and_fps
+    from molmo_vllm.molmo2_processor import (
+        DEFAULT_VIDEO_FPS,
+        Molmo2DataParser,
+        video_frames_and_fps,
+    )
 
     video = drawn_video(3, 32, 24)
+    # vLLM's parsing: every video reaches the processor as (frames, metadata), fps defaulted.
+    for data, fps in ((video, 2.0), ((video, {"fps": 30.0}), 30.0), ([video], 2.0)):
+        items = Molmo2DataParser().parse_mm_data({"video": data})["video"]
+        (frames, metadata), = items.get_processor_data()["videos"]
+        assert items.get_count() == 1 and metadata["fps"] == fps and frames.shape == video.shape
     frames, fps = video_frames_and_fps((video, {"fps": 30.0, "frames_indices": [0, 1, 2]}))
     assert fps == 30.0 and np.array_equal(frames, video)
     assert video_frames_and_fps(video)[1] == DEFAULT_VIDEO_FPS == 2.0
