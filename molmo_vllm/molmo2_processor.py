@@ -317,6 +317,14 @@ class Molmo2MultiModalProcessor(BaseMultiModalProcessor[Molmo2ProcessingInfo]):
             ),
         ]
 
+    def get_dummy_mm_inputs(self, mm_counts: Mapping[str, int], **kwargs: Any):  # type: ignore[override]
+        """Images and a video never share a prompt, but vLLM's processor warm-up asks for one
+        of each at once: each modality then gets its own dummy prompt (the video's returned)."""
+        if mm_counts.get("image", 0) and mm_counts.get("video", 0):
+            super().get_dummy_mm_inputs({k: v for k, v in mm_counts.items() if k != "video"}, **kwargs)
+            mm_counts = {k: v for k, v in mm_counts.items() if k != "image"}
+        return super().get_dummy_mm_inputs(mm_counts, **kwargs)
+
     def apply(self, inputs, timing_ctx):  # type: ignore[override]
         counts = inputs.mm_data_items.get_all_counts()
         n_images = counts.get("image", 0)

@@ -311,19 +311,22 @@ def test_the_goldens_see_image_attention_and_add_not_replace(release, runs, case
 def test_vllm_matches_ai2(molmo2_release_path: Path):
     """Our vLLM model (with its bidirectional image prefill) on the same checkpoint, prompts
     from the server's prompt builder: Ai2's prompt ids, its 12 greedy tokens and its first
-    token's top 5 within 1e-3, for one image and two images in one prompt."""
+    token's top 5 within 1e-3, for one image, two images in one prompt and the 4-frame video
+    (vLLM's "video" modality, frames with their fps)."""
     from vllm import SamplingParams
 
     from molmo_model.tokenizer import Molmo2Tokenizer
     from molmo_vllm.prompt import build_prompt
 
     tok = Molmo2Tokenizer.from_dir(molmo2_release_path)
-    cases = ["single_image", "two_images"]
+    cases = ["single_image", "two_images", "video"]
     with threads(1):  # the images' resize, as the goldens were made
-        prompts = [build_prompt(tok, CASES[c][0], [molmo2_release.image(n) for n in CASES[c][1]]) for c in cases]
+        prompts = [build_prompt(tok, CASES[c][0], [molmo2_release.image(n) for n in CASES[c][1]]) for c in cases[:2]]
+    video = (molmo2_release.video_frames(), {"fps": molmo2_release.VIDEO["fps"]})
+    prompts.append(build_prompt(tok, CASES["video"][0], video=video))
     params = SamplingParams(temperature=0.0, max_tokens=GOLDEN["new_tokens"], logprobs=5, ignore_eos=True)
     with vllm_engine(molmo2_release_path, max_model_len=2048, max_num_seqs=2,
-                     limit_mm_per_prompt={"image": 2}, skip_mm_profiling=True) as llm:  # fmt: skip
+                     limit_mm_per_prompt={"image": 2, "video": 1}, skip_mm_profiling=True) as llm:  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
     worst = 0.0
     for case, out in zip(cases, outs, strict=True):
