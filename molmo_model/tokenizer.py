@@ -294,12 +294,41 @@ MOLMO2_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # Qwen3's chat tokens (in t
 
 
 class Molmo2Tokenizer(MolmoTokenizer):
-    """A Molmo 2 tokenizer (Qwen3's with Ai2's image tokens, or our small BPE with the same
-    special tokens): BOS = EOS = `<|im_end|>` as in Ai2's releases, pad `<|endoftext|>`."""
+    """A Molmo 2 tokenizer (Qwen3's or OLMo 3's with Ai2's image tokens, or our small BPE with
+    the same special tokens). BOS, EOS and pad are the release's tokenizer_config.json names
+    when `from_dir` finds them; otherwise Molmo2-4B/8B's: BOS = EOS = `<|im_end|>` (Qwen3 has
+    no BOS, so Ai2's converter reuses EOS), pad `<|endoftext|>`."""
 
     BOS, EOS, PAD = "<|im_end|>", "<|im_end|>", EOS_TOKEN
     SPECIAL_TOKENS = MOLMO2_TOKENS
     CHAT_TEMPLATE = None  # prompts come from molmo_model.molmo2.preprocessing / molmo_vllm.prompt
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model_max_length: int = DEFAULT_MAX_LENGTH,
+        bos: str | None = None,
+        eos: str | None = None,
+        pad: str | None = None,
+    ):
+        # Instance values shadow the class defaults (OLMo 3's BOS is its own <|endoftext|>).
+        self.BOS, self.EOS, self.PAD = bos or self.BOS, eos or self.EOS, pad or self.PAD
+        super().__init__(tokenizer, model_max_length=model_max_length)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Molmo2Tokenizer:
+        base = super().from_dir(path)
+        p = Path(path)
+        config = (p if p.is_dir() else p.parent) / "tokenizer_config.json"
+        names: dict[str, str] = {}
+        if config.is_file():
+            data = json.loads(config.read_text())
+            for key, arg in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "pad")):
+                value = data.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value:
+                    names[arg] = value
+        return cls(base._tok, model_max_length=base.model_max_length, **names)
 
 
 def build_molmo2_tokenizer(

@@ -20,6 +20,7 @@ from molmo_model.molmo2.model import (
     Molmo2DecoderBlock,
     Molmo2ForConditionalGeneration,
     generate,
+    yarn_inv_freq,
 )
 from molmo_model.vision import AttentionPooling, ViTBlockShape, ViTMLP
 
@@ -76,10 +77,11 @@ def prompt(cfg: Molmo2Config, n_image_tokens: int, seed: int, text: int = 6) -> 
     return ids
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Molmo2ForConditionalGeneration:
+@pytest.fixture(scope="module", params=["molmo2-tiny", "molmo2-o-tiny"])
+def tiny(request) -> Molmo2ForConditionalGeneration:
+    """The Qwen3 and the OLMo 3 (post-norm, q/k norm over all heads, yarn on 2 layers) decoder."""
     torch.manual_seed(0)
-    return Molmo2ForConditionalGeneration(get_preset("molmo2-tiny")).init_weights(std=0.05, seed=0).eval()
+    return Molmo2ForConditionalGeneration(get_preset(request.param)).init_weights(std=0.05, seed=0).eval()
 
 
 # ---- config ----
@@ -93,6 +95,59 @@ def test_release_config_round_trip():
     assert again == cfg
     assert again.extras["auto_map"] == d["auto_map"]  # what we do not read is written back
     assert model_family(d) == "molmo2" and model_family({"architectures": ["MolmoForCausalLM"]}) == "molmo"
+
+
+def test_o_7b_preset_is_the_olmo3_release():
+    """Molmo2-O-7B's text config as Ai2's converter writes it from OLMO3_7B_INSTRUCT, and the
+    tensor shapes that implies (q/k norms over all 32 heads, MHA, untied 100278-row head)."""
+    cfg = get_preset("molmo2-o-7b")
+    text = cfg.text
+    assert (text.norm_after, text.qk_norm_type, text.num_key_value_heads) == (True, "olmo", 32)
+    assert text.scaled_rope_layers == frozenset(range(3, 32, 4))
+    assert text.rope_scaling == {"rope_type": "yarn", "factor": 8.0, "attention_factor": 1.2079441541679836,
+                                 "original_max_position_embeddings": 8192, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    assert cfg.image_patch_id == 100280 and cfg.token_ids["image_start_token_id"] == 100278
+    assert Molmo2Config.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
+    with torch.device("meta"):
+        m = Molmo2ForConditionalGeneration(cfg)
+    shapes = {n: tuple(p.shape) for n, p in m.state_dict().items()}
+    b = "model.transformer.blocks.31."
+    assert shapes[b + "self_attn.q_norm.weight"] == shapes[b + "self_attn.k_norm.weight"] == (4096,)
+    assert shapes[b + "self_attn.att_proj.weight"] == (3 * 4096, 4096)
+    assert shapes[b + "mlp.ff_proj.weight"] == (22016, 4096)
+    assert shapes["lm_head.weight"] == shapes["model.transformer.wte.embedding"] == (100278, 4096)
+    assert shapes["model.vision_backbone.image_projector.w2.weight"] == (4096, 11008)
+
+
+@pytest.mark.parametrize(
+    "theta, dim, scaling",
+    [
+        (500_000.0, 128, {"factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2}),
+        (10_000.0, 64, {"factor": 4.0, "original_max_position_embeddings": 2048, "beta_fast": 16, "truncate": False}),
+    ],
+)
+def test_yarn_against_float64_formula(theta, dim, scaling):
+    """YaRN from its definition in float64: keep the pairs turning more than beta_fast times
+    over the original length, divide by the factor those turning less than beta_slow times,
+    ramp linearly between; cos/sin scale = attention_factor, else 0.1 ln(factor) + 1."""
+    inv, scale = yarn_inv_freq(dim, theta, {"rope_type": "yarn", **scaling})
+    length, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    fast, slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+    def pair(turns: float) -> float:  # the pair index that turns `turns` times over `length`
+        return dim * math.log(length / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = pair(fast), pair(slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    want = []
+    for i in range(dim // 2):
+        base = theta ** (-2 * i / dim)
+        t = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        want.append(base * (1 - t) + base / factor * t)
+    torch.testing.assert_close(inv.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert scale == scaling.get("attention_factor", 0.1 * math.log(factor) + 1)
 
 
 def test_release_shapes_count_like_ai2s():
@@ -109,7 +164,11 @@ def test_release_shapes_count_like_ai2s():
         (lambda d: d["text_config"].pop("head_dim"), "text_config.head_dim"),
         (lambda d: d["vit_config"].pop("image_num_pos"), "vit_config.image_num_pos"),
         (lambda d: d.pop("adapter_config"), "adapter_config"),
-        (lambda d: d["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4}), "rope_scaling"),
+        (lambda d: d["text_config"].update(rope_scaling={"rope_type": "linear", "factor": 4}), "rope_scaling.rope_type"),
+        (lambda d: d["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4}), "original_max_position_embeddings"),
+        (lambda d: d["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 8,
+                                                         "mscale": 1.0}), "mscale"),
+        (lambda d: d["text_config"].update(rope_scaling_layers=[36]), "rope_scaling_layers"),
         (lambda d: d["vit_config"].update(hidden_act="gelu"), "vit_config.hidden_act"),
         (lambda d: d["text_config"].update(qk_norm_type="gemma"), "qk_norm_type"),
         (lambda d: d.update(model_type="qwen3"), "model_type"),
@@ -152,7 +211,7 @@ def test_loader_names_each_bad_tensor(tiny, tmp_path, damage):
         named = ["resblocks.3.ffn_norm.weight"]
     else:
         state[a] = torch.ones(65)
-        named = [a, "(65,)", "(64,)"]
+        named = [a, "(65,)", f"({tiny.model.transformer.blocks[1].self_attn.q_norm.weight.numel()},)"]
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(out)

@@ -7,11 +7,12 @@ ViT layers feed the connector, the attention pooling, the SwiGLU projector) and 
 
 Reading is strict: a field that shapes the architecture must be present (a missing one is
 named, e.g. `text_config.head_dim`), and values we do not implement (another activation,
-RoPE scaling, tied embeddings) are refused by name. Fields that only matter to training
+RoPE scaling other than YaRN, tied embeddings) are refused by name. Fields that only matter to training
 (dropouts, initializer_range) are kept when present and written back.
 
-Presets: `molmo2-4b`, `molmo2-8b` (the released shapes), `molmo2-tiny` (tiny widths and
-depths, Molmo 2's real image geometry: 378 px crops of 14 px patches, 27x27 positions).
+Presets: `molmo2-4b`, `molmo2-8b`, `molmo2-o-7b` (the released shapes; O-7B has the OLMo 3
+decoder), `molmo2-tiny` and `molmo2-o-tiny` (tiny widths and depths, Qwen3 / OLMo 3 decoder,
+Molmo 2's real image geometry: 378 px crops of 14 px patches, 27x27 positions).
 """
 
 from __future__ import annotations
@@ -115,6 +116,32 @@ class Molmo2AdapterConfig:
             raise ConfigError("adapter_config.num_key_value_heads != num_attention_heads is not supported")
 
 
+# YaRN keys we implement (transformers' names; Ai2's converter writes those it has).
+YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "attention_factor",
+             "beta_fast", "beta_slow", "truncate")  # fmt: skip
+
+
+def _check_rope_scaling(d: dict[str, Any]) -> dict[str, Any]:
+    """text_config.rope_scaling: null, "default", or YaRN (Molmo2-O-7B: factor 8 over 8192
+    positions, attention_factor 0.1 ln 8 + 1, beta_fast 32, beta_slow 1)."""
+    kind = d.get("rope_type", d.get("type", "default"))
+    if kind == "default":
+        return {"rope_type": "default"}
+    if kind != "yarn":
+        raise ConfigError(
+            f"text_config.rope_scaling.rope_type={kind!r} is not supported (only 'yarn', as "
+            "Molmo2-O-7B uses, or the default RoPE)"
+        )
+    d = {"rope_type": "yarn", **{k: v for k, v in d.items() if k not in ("type", "rope_type")}}
+    unknown = sorted(set(d) - set(YARN_KEYS))
+    if unknown:  # mscale / mscale_all_dim (DeepSeek's attention factor) are not implemented
+        raise ConfigError(f"text_config.rope_scaling: unsupported yarn fields {unknown}")
+    for key in ("factor", "original_max_position_embeddings"):
+        if d.get(key) is None:
+            raise ConfigError(f"text_config.rope_scaling.{key} is missing (yarn needs it)")
+    return d
+
+
 @dataclass
 class Molmo2TextConfig:
     """The decoder: Qwen3 (q/k RMSNorm per head, no QKV bias) or OLMo 3 (post-norm, q/k
@@ -152,14 +179,35 @@ class Molmo2TextConfig:
                 f"text_config.qk_norm_type={self.qk_norm_type!r} is not supported "
                 f"(supported: {SUPPORTED_QK_NORM})"
             )
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") != "default":
-            raise ConfigError(
-                f"text_config.rope_scaling={self.rope_scaling!r}: only the default RoPE is supported"
-            )
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            # transformers 5.x writes rope_theta into the dict when it saves a config
+            theta = scaling.pop("rope_theta", self.rope_theta)
+            if float(theta) != float(self.rope_theta):
+                raise ConfigError(
+                    f"text_config.rope_scaling.rope_theta={theta} != rope_theta={self.rope_theta}"
+                )
+            self.rope_scaling = _check_rope_scaling(scaling)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
         if self.rope_scaling_layers is not None:
             self.rope_scaling_layers = tuple(int(i) for i in self.rope_scaling_layers)
+            bad = [i for i in self.rope_scaling_layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ConfigError(
+                    f"text_config.rope_scaling_layers {bad} are out of range for "
+                    f"num_hidden_layers={self.num_hidden_layers}"
+                )
+
+    @property
+    def scaled_rope_layers(self) -> frozenset[int]:
+        """Layers whose RoPE is `rope_scaling`'s (Ai2: all of them when rope_scaling_layers
+        is null, else those listed); the others use the plain RoPE of rope_theta."""
+        if self.rope_scaling is None or self.rope_scaling["rope_type"] == "default":
+            return frozenset()
+        if self.rope_scaling_layers is None:
+            return frozenset(range(self.num_hidden_layers))
+        return frozenset(self.rope_scaling_layers)
 
     @property
     def embedding_size(self) -> int:
@@ -417,7 +465,82 @@ def molmo2_tiny(vocab_size: int = 512) -> Molmo2Config:
     return Molmo2Config(vit=vit, adapter=adapter, text=text, token_ids=_token_ids(vocab_size))
 
 
-PRESETS = {"molmo2-4b": molmo2_4b, "molmo2-8b": molmo2_8b, "molmo2-tiny": molmo2_tiny}
+# Molmo2-O-7B's RoPE (Ai2's OLMO3_7B_INSTRUCT): YaRN on the full-attention layers of OLMo 3
+# (every 4th: 3, 7, ..., 31), the plain RoPE of theta 5e5 on the others. The factor 8 is
+# over 8192 positions; attention_factor = 0.1 ln 8 + 1 scales cos and sin.
+OLMO3_YARN = {
+    "rope_type": "yarn",
+    "factor": 8.0,
+    "attention_factor": 1.2079441541679836,
+    "original_max_position_embeddings": 8192,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+
+def _olmo3_text(**shape: Any) -> Molmo2TextConfig:
+    """OLMo 3's decoder as Ai2's converter writes it: post-norm (norm_after), q/k RMSNorm
+    over all heads ("olmo"), no biases, MHA, yarn on every 4th layer."""
+    layers = shape.pop("num_hidden_layers", 32)
+    fields: dict[str, Any] = dict(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        vocab_size=100278,
+        additional_vocab_size=128,
+        qkv_bias=False,
+        num_hidden_layers=layers,
+        intermediate_size=11008,
+        hidden_act="silu",
+        # Ai2's SFT ran 4096 * 4 tokens (as for the Qwen3 releases); a real config.json overrides.
+        max_position_embeddings=16384,
+        rope_theta=500_000.0,
+        use_qk_norm=True,
+        qk_norm_type="olmo",
+        layer_norm_eps=1e-6,
+        norm_after=True,
+        rope_scaling=dict(OLMO3_YARN),
+        rope_scaling_layers=tuple(range(3, layers, 4)),
+    )
+    fields.update(shape)
+    return Molmo2TextConfig(**fields)
+
+
+def molmo2_o_7b() -> Molmo2Config:
+    text = _olmo3_text()
+    adapter = dataclasses.replace(
+        molmo2_4b().adapter, intermediate_size=text.intermediate_size, text_hidden_size=text.hidden_size
+    )
+    return Molmo2Config(
+        vit=_siglip2_so400m(), adapter=adapter, text=text, token_ids=_token_ids(text.vocab_size)
+    )
+
+
+def molmo2_o_tiny(vocab_size: int = 512) -> Molmo2Config:
+    """molmo2-tiny with the OLMo 3 decoder (4 layers, 4 heads of 64, yarn on layers 1 and 3)."""
+    base = molmo2_tiny(vocab_size)
+    text = _olmo3_text(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=vocab_size,
+        num_hidden_layers=4,
+        intermediate_size=256,
+        max_position_embeddings=4096,
+        rope_scaling_layers=(1, 3),
+    )
+    return dataclasses.replace(base, text=text)
+
+
+PRESETS = {
+    "molmo2-4b": molmo2_4b,
+    "molmo2-8b": molmo2_8b,
+    "molmo2-o-7b": molmo2_o_7b,
+    "molmo2-tiny": molmo2_tiny,
+    "molmo2-o-tiny": molmo2_o_tiny,
+}
 
 
 def get_preset(name: str) -> Molmo2Config:

@@ -16,6 +16,7 @@ the output type. As in Ai2's code, image features are ADDED to the `<im_patch>` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,53 @@ from molmo_model.molmo2.vision import (
     video_rows_and_patches,
 )
 from molmo_model.vision import add_image_features
+
+
+def yarn_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN's rotary frequencies and cos/sin scale (what transformers' "yarn" rope init gives
+    Ai2's code), float32. Per frequency pair i (of head_dim / 2): base inv_freq
+    theta^(-2i/D) below the correction range (high-frequency pairs are kept), inv_freq / factor
+    above it (low-frequency pairs are interpolated), a linear ramp in between. The range is
+    where a pair turns beta_fast .. beta_slow times over original_max_position_embeddings:
+    dim(r) = D ln(L / (2 pi r)) / (2 ln theta), floored / ceiled unless truncate is false,
+    clamped to [0, D - 1]. -> inv_freq [D/2], attention_factor (0.1 ln factor + 1 if absent)."""
+    factor = float(scaling["factor"])
+    length = float(scaling["original_max_position_embeddings"])
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def pair_at(rotations: float) -> float:
+        return head_dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_at(beta_fast), pair_at(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    base = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # [D/2]
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # weight of the unscaled frequency
+    inv = (1.0 / (factor * base)) * (1 - keep) + (1.0 / base) * keep
+    return inv, float(attention_factor)
+
+
+def layer_rope(
+    cfg: Molmo2TextConfig, position_ids: torch.Tensor, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cos, sin [B, 1, S, D] for each decoder layer: the plain RoPE of rope_theta, or YaRN's
+    (frequencies and scaled cos/sin) on cfg.scaled_rope_layers, as Ai2's decoder picks them."""
+    plain = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+    scaled_layers = cfg.scaled_rope_layers
+    if not scaled_layers:
+        return [plain] * cfg.num_hidden_layers
+    inv, scale = yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # type: ignore[arg-type]
+    freqs = position_ids.float()[..., None] * inv.to(position_ids.device)  # [B, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, D]
+    scaled = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
+    return [scaled if i in scaled_layers else plain for i in range(cfg.num_hidden_layers)]
 
 
 class Molmo2Attention(CausalSelfAttention, nn.Module):
@@ -239,11 +287,11 @@ class Molmo2ForConditionalGeneration(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        rope = layer_rope(cfg, position_ids, x.dtype)
         mask = self.prefill_mask(token_type_ids, past) if token_type_ids is not None else None
         tr = self.model.transformer
         for i, block in enumerate(tr.blocks):
-            x = block(x, cos, sin, cache, i, mask)
+            x = block(x, *rope[i], cache, i, mask)
         if cache is not None:
             cache.length += s
         logits = self.lm_head(tr.ln_f(x))
