@@ -66,7 +66,13 @@ class Molmo2TextHFConfig(PretrainedConfig):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("tie_word_embeddings", False)
+        # Given both, transformers 5.x would standardize Ai2's RoPE fields (and fail: it
+        # wants fields this config lacks); set afterwards, rope_scaling is stored as
+        # `rope_parameters`, which molmo2_config_of reads back.
+        rope = {k: kwargs.pop(k) for k in ("rope_scaling", "rope_theta") if k in kwargs}
         super().__init__(**kwargs)
+        for key, value in rope.items():
+            setattr(self, key, value)
 
 
 class Molmo2HFConfig(PretrainedConfig):
@@ -106,6 +112,10 @@ def molmo2_config_of(hf_config: Any) -> Any:
     rope = text.get("rope_parameters")
     if text.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
         text["rope_theta"] = rope["rope_theta"]
+    # transformers 5.x keeps Ai2's rope_scaling (yarn for Molmo2-O-7B) as rope_parameters
+    if text.get("rope_scaling") is None and isinstance(rope, dict):
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            text["rope_scaling"] = rope
     d["text_config"] = text
     return Molmo2Config.from_hf_dict(d)
 

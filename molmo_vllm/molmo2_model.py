@@ -1,4 +1,4 @@
-"""Molmo 2 as a vLLM model: molmo_model.molmo2's vision backbone + a Qwen3-style decoder
+"""Molmo 2 as a vLLM model: molmo_model.molmo2's vision backbone + a Qwen3 or OLMo 3 decoder
 built from vLLM's parallel layers, registered for Ai2's architecture name
 "Molmo2ForConditionalGeneration" (replacing vLLM's built-in, which needs Ai2's remote
 processor). Molmo's v1 room is molmo_vllm/model.py; this file is its Molmo 2 neighbour.
@@ -6,9 +6,11 @@ processor). Molmo's v1 room is molmo_vllm/model.py; this file is its Molmo 2 nei
     Ai2 module (checkpoint)                     vLLM layer here
     model.transformer.wte (+ new_embedding)     VocabParallelEmbedding [vocab + 128, d]
     blocks.i.self_attn.att_proj (no bias)       QKVParallelLinear
-    blocks.i.self_attn.q_norm / k_norm          RMSNorm over each head's D (Qwen3), then get_rope (NeoX)
+    blocks.i.self_attn.q_norm / k_norm          RMSNorm over each head's D (Qwen3) or over all heads
+                                                (OLMo 3), then get_rope (NeoX; yarn on rope_scaling_layers)
     blocks.i.self_attn.attn_out                 RowParallelLinear (after vLLM's paged Attention)
-    blocks.i.attn_norm / ff_norm                RMSNorm (fused residual add)
+    blocks.i.attn_norm / ff_norm                RMSNorm: before each sublayer (Qwen3, fused residual
+                                                add) or on its output (OLMo 3, norm_after)
     blocks.i.mlp.ff_proj -> (value, gate)       MergedColumnParallelLinear, Ai2's half order + MulAndSilu
     blocks.i.mlp.ff_out                         RowParallelLinear
     model.transformer.ln_f                      RMSNorm
@@ -40,9 +42,11 @@ prefilled in one step: `config.Molmo2SchedulingHook` turns chunked prefill and p
 caching off for Molmo 2; a prefill with image tokens that still continues a sequence stays
 causal and is counted in `CAUSAL_FALLBACKS` (logged once).
 
-Supported decoders: Qwen3 (Molmo2-4B / -8B: pre-norm, per-head q/k norm). OLMo 3 (Molmo2-O-7B:
-norm_after, q/k norm over all heads, which tensor parallelism would have to gather) is refused
-by name.
+Supported decoders: Qwen3 (Molmo2-4B / -8B: pre-norm, per-head q/k norm, plain RoPE) and
+OLMo 3 (Molmo2-O-7B: norm_after, q/k RMSNorm over the concatenation of all heads, vLLM's yarn
+RoPE on `rope_scaling_layers` and the plain RoPE elsewhere, as Ai2's HF code picks them per
+layer). The OLMo q/k norm needs every head's q and k, so it is refused under tensor
+parallelism (its mean square would need an all-reduce across ranks).
 
 Video (one per prompt, never with images): the frames go through the same vision backbone
 as the reference's `video_features` (molmo_model.molmo2.model: each frame's 729 patches,
@@ -94,6 +98,7 @@ from vllm.model_executor.models.interfaces import (
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    extract_layer_index,
     is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
@@ -143,16 +148,23 @@ def _image_inputs(kwargs: dict[str, object]) -> Molmo2ImageKwargs | None:
     return Molmo2ImageKwargs(**inputs)
 
 
-def check_supported(cfg: Molmo2TextConfig) -> None:
+def check_supported(cfg: Molmo2TextConfig, tp: int) -> None:
     """Refuse (ValueError, naming the field) what this vLLM decoder does not implement."""
-    if cfg.norm_after:
-        raise ValueError("text_config.norm_after=true (OLMo 3, Molmo2-O-7B) is not supported by "
-                         "molmo_vllm yet; serve Molmo2-4B / -8B")  # fmt: skip
-    if cfg.use_qk_norm and cfg.qk_norm_type != "qwen3":
-        raise ValueError(f"text_config.qk_norm_type={cfg.qk_norm_type!r} is not supported by "
-                         "molmo_vllm (only 'qwen3')")  # fmt: skip
-    if cfg.rope_scaling_layers is not None:
-        raise ValueError("text_config.rope_scaling_layers is not supported by molmo_vllm")
+    if cfg.use_qk_norm and cfg.qk_norm_type == "olmo" and tp > 1:
+        raise ValueError(
+            "text_config.qk_norm_type='olmo' (OLMo 3, Molmo2-O-7B) normalizes q and k over all "
+            f"heads; molmo_vllm runs it with tensor_parallel_size=1 only (got {tp})"
+        )
+
+
+def rope_parameters(cfg: Molmo2TextConfig, layer: int) -> dict[str, object]:
+    """get_rope's parameters for one decoder layer: yarn (rope_scaling's fields) on
+    cfg.scaled_rope_layers, the plain RoPE of rope_theta elsewhere. vLLM's yarn is
+    transformers' (same inv_freq; cos and sin times attention_factor), hence Ai2's."""
+    if layer not in cfg.scaled_rope_layers:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "yarn"
+    return {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +267,8 @@ direct_register_custom_op(
 
 
 class Molmo2SelfAttention(nn.Module):
-    """att_proj -> per-head q/k RMSNorm -> RoPE -> paged attention -> attn_out."""
+    """att_proj -> q/k RMSNorm (per head, or over all heads) -> RoPE -> paged attention ->
+    attn_out."""
 
     def __init__(
         self,
@@ -263,9 +276,11 @@ class Molmo2SelfAttention(nn.Module):
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
+        layer: int,
     ):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
+        check_supported(cfg, tp)
         if cfg.num_attention_heads % tp:
             raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not divisible by "
                              f"the tensor-parallel size {tp}")  # fmt: skip
@@ -277,13 +292,17 @@ class Molmo2SelfAttention(nn.Module):
             cfg.hidden_size, hd, cfg.num_attention_heads, cfg.num_key_value_heads,
             bias=cfg.qkv_bias, quant_config=quant_config, prefix=f"{prefix}.att_proj",
         )  # fmt: skip
-        self.q_norm = RMSNorm(hd, eps=cfg.layer_norm_eps) if cfg.use_qk_norm else None
-        self.k_norm = RMSNorm(hd, eps=cfg.layer_norm_eps) if cfg.use_qk_norm else None
+        # Qwen3 normalizes each head's D values; OLMo the whole q (and k) row, before the
+        # split into heads (TP is 1 then, so this rank holds every head).
+        self.per_head_norm = cfg.qk_norm_type == "qwen3"
+        q_width, k_width = (hd, hd) if self.per_head_norm else (self.q_size, self.kv_size)
+        self.q_norm = RMSNorm(q_width, eps=cfg.layer_norm_eps) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(k_width, eps=cfg.layer_norm_eps) if cfg.use_qk_norm else None
         self.rotary_emb = get_rope(
             hd,
             max_position=cfg.max_position_embeddings,
             is_neox_style=True,  # rotate halves
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            rope_parameters=rope_parameters(cfg, layer),
         )
         self.attn = Attention(
             num_heads, hd, hd**-0.5, num_kv_heads=num_kv_heads, cache_config=cache_config,
@@ -297,6 +316,8 @@ class Molmo2SelfAttention(nn.Module):
     def _norm_heads(self, norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
         if norm is None:
             return x
+        if not self.per_head_norm:
+            return norm(x.contiguous())  # [T, H * D], over all heads
         heads = x.view(*x.shape[:-1], x.shape[-1] // self.head_dim, self.head_dim)  # [T, H, D]
         return norm(heads).view(x.shape)  # [T, H * D]
 
@@ -336,7 +357,8 @@ class Molmo2MLP(nn.Module):
 
 
 class Molmo2Block(nn.Module):
-    """Pre-norm: x += self_attn(attn_norm(x)); x += mlp(ff_norm(x))."""
+    """Pre-norm (Qwen3): x += self_attn(attn_norm(x)); x += mlp(ff_norm(x)).
+    Post-norm (OLMo 3, norm_after): x += attn_norm(self_attn(x)); x += ff_norm(mlp(x))."""
 
     def __init__(
         self,
@@ -346,7 +368,10 @@ class Molmo2Block(nn.Module):
         prefix: str,
     ):
         super().__init__()
-        self.self_attn = Molmo2SelfAttention(cfg, cache_config, quant_config, f"{prefix}.self_attn")
+        self.norm_after = cfg.norm_after
+        self.self_attn = Molmo2SelfAttention(
+            cfg, cache_config, quant_config, f"{prefix}.self_attn", extract_layer_index(prefix)
+        )
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Molmo2MLP(cfg, quant_config, f"{prefix}.mlp")
         self.ff_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -354,6 +379,12 @@ class Molmo2Block(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.norm_after:
+            # The stream is x + residual (the previous block's last add is left to here, so
+            # that pipeline stages pass the same pair as pre-norm blocks do).
+            stream = x if residual is None else x + residual
+            stream = stream + self.attn_norm(self.self_attn(positions, stream))
+            return self.ff_norm(self.mlp(stream)), stream
         # vLLM's RMSNorm(x, residual) returns (norm(x + residual), x + residual).
         if residual is None:
             residual, x = x, self.attn_norm(x)
@@ -378,7 +409,6 @@ class Molmo2Transformer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         cfg = molmo2_config_of(vllm_config.model_config.hf_config).text
-        check_supported(cfg)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.wte = VocabParallelEmbedding(
             cfg.total_vocab_size, cfg.hidden_size, quant_config=quant_config, prefix=f"{prefix}.wte"
@@ -410,6 +440,8 @@ class Molmo2Transformer(nn.Module):
             x, residual = block(positions, x, residual)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": x, "residual": residual})
+        if residual is None:  # no block on this rank added anything
+            return self.ln_f(x)
         x, _ = self.ln_f(x, residual)
         return x
 

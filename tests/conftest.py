@@ -63,3 +63,15 @@ def molmo2_release_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import molmo2_release
 
     return molmo2_release.build_release_checkpoint(tmp_path_factory.mktemp("molmo2") / "release")
+
+
+@pytest.fixture(scope="session")
+def molmo2_olmo3_release_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The OLMo 3 checkpoint Ai2's code made tests/golden/ai2_molmo2_olmo3.json on, rebuilt
+    from its recipe (tests/molmo2_olmo3_release.py): tiny vision tower, 4-layer OLMo 3
+    decoder, OLMo 3's vocabulary size (~30 MB, ~2 s)."""
+    import molmo2_olmo3_release
+
+    return molmo2_olmo3_release.build_release_checkpoint(
+        tmp_path_factory.mktemp("molmo2_olmo3") / "release"
+    )

@@ -76,8 +76,8 @@ def release_config() -> dict:
 # ---------------------------------------------------------------- weights
 
 
-def weight_rule(name: str) -> tuple[float, float]:
-    for key, mean, std in WEIGHT_RULES:
+def weight_rule(name: str, rules: tuple = WEIGHT_RULES) -> tuple[float, float]:
+    for key, mean, std in rules:
         if key in name:
             return mean, std
     raise KeyError(name)
@@ -87,19 +87,21 @@ def tensor_seed(name: str, seed: int = SEED) -> int:
     return zlib.crc32(f"{seed}:{name}".encode())
 
 
-def draw(name: str, shape: tuple[int, ...], seed: int = SEED) -> torch.Tensor:
+def draw(
+    name: str, shape: tuple[int, ...], seed: int = SEED, rules: tuple = WEIGHT_RULES
+) -> torch.Tensor:
     """One tensor of the checkpoint, bfloat16."""
-    mean, std = weight_rule(name)
+    mean, std = weight_rule(name, rules)
     gen = torch.Generator().manual_seed(tensor_seed(name, seed))
     x = torch.randn(shape, generator=gen, dtype=torch.float32)
     return x.mul_(std).add_(mean).to(torch.bfloat16)
 
 
-def release_state(config: Molmo2Config) -> dict[str, torch.Tensor]:
+def release_state(config: Molmo2Config, rules: tuple = WEIGHT_RULES) -> dict[str, torch.Tensor]:
     """Every tensor our model (hence the release) names, drawn by the recipe (bf16)."""
     with torch.device("meta"):
         shell = Molmo2ForConditionalGeneration(config)
-    return {name: draw(name, tuple(p.shape)) for name, p in shell.state_dict().items()}
+    return {name: draw(name, tuple(p.shape), rules=rules) for name, p in shell.state_dict().items()}
 
 
 # ---------------------------------------------------------------- tokenizer
