@@ -27,8 +27,9 @@ def _init(argv: list[str]) -> int:
     from molmo_model.config import PRESETS
 
     p = argparse.ArgumentParser(prog="molmo init", description="Write a random-weight checkpoint.")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + ["molmo2-tiny"],
-                   help="a Molmo preset, or molmo2-tiny (Molmo 2's layout, our small tokenizer)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + ["molmo2-tiny", "molmo2-o-tiny"],
+                   help="a Molmo preset, or molmo2-tiny / molmo2-o-tiny (Molmo 2's layout with "
+                        "a Qwen3 / OLMo 3 decoder, our small tokenizer)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--std", type=float, default=0.02, help="init std of weight matrices")

@@ -316,16 +316,17 @@ def init_checkpoint(
 
 
 def _init_molmo2_checkpoint(preset: str, out_dir: str | Path, seed: int, std: float, dtype: str) -> Path:
-    from molmo_model.molmo2.config import molmo2_tiny
+    from molmo_model.molmo2.config import molmo2_o_tiny, molmo2_tiny
     from molmo_model.molmo2.model import Molmo2ForConditionalGeneration
     from molmo_model.tokenizer import build_molmo2_tokenizer
 
     tok = build_molmo2_tokenizer()
-    if preset == "molmo2-tiny":
-        config = molmo2_tiny(vocab_size=tok.vocab_size)
-    else:  # release shapes keep Qwen3's vocabulary: our small BPE does not fit them
-        raise ValueError(f"molmo init: preset {preset!r} needs Qwen3's tokenizer; only molmo2-tiny "
-                         "is written with ours")  # fmt: skip
+    tiny = {"molmo2-tiny": molmo2_tiny, "molmo2-o-tiny": molmo2_o_tiny}
+    if preset in tiny:
+        config = tiny[preset](vocab_size=tok.vocab_size)
+    else:  # release shapes keep Qwen3's / OLMo 3's vocabulary: our small BPE does not fit them
+        raise ValueError(f"molmo init: preset {preset!r} needs the release's tokenizer; only "
+                         f"{' and '.join(tiny)} are written with ours")  # fmt: skip
     config.torch_dtype = dtype
     torch.manual_seed(seed)
     model = Molmo2ForConditionalGeneration(config).init_weights(std=std, seed=seed)
