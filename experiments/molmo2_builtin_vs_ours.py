@@ -14,9 +14,11 @@ that process and the model registration below is the one it uses.
 Measured per engine: (a) fidelity to Ai2's code on tests/golden/ai2_molmo2.json: prompt ids
 equal, the 12 greedy tokens equal, the largest |difference| of the first token's log-probs on
 Ai2's top 5, for one image, two images and the 4-frame video; (b) speed: seconds to build
-`vllm.LLM`, and the median latency of a single-image request (the 640x480 golden image,
-preprocessing + vision + prefill) with max_tokens 1 and 16 after one warm-up request;
-(c) which vLLM interfaces the class declares.
+`vllm.LLM`, and the median latency of a single-image request (the 640x480 golden image, 5
+crops: preprocessing + vision + prefill) with max_tokens 1 and 16 after one warm-up request,
+the two engines' requests alternating; (c) which vLLM interfaces the class declares and how
+many of each side's linear layers are vLLM's (quantizable) ones. `--gemm` times one ViT-sized
+matrix product through torch and through vLLM's CPU GEMM.
 
 How the built-in is run (experiment-only; nothing of it is in the product):
 * model: a subclass of the built-in class registered for the architecture in place of ours.
@@ -29,9 +31,12 @@ How the built-in is run (experiment-only; nothing of it is in the product):
   only `<im_patch>`: the built-in returns an embedding for each of them.
 No torchvision is needed: the built-in's own processor (which would be) is never called.
 
-    python experiments/molmo2_builtin_vs_ours.py [--model DIR] [--repeats 3]
+    python experiments/molmo2_builtin_vs_ours.py [--model DIR] [--repeats 4]
+    OMP_NUM_THREADS=2 python experiments/molmo2_builtin_vs_ours.py --name molmo2_builtin_vs_ours_cpu_omp2
+    python experiments/molmo2_builtin_vs_ours.py --gemm     # why the speeds differ (gemm_check)
 
-Writes experiments/results/molmo2_builtin_vs_ours_cpu.json/.csv (one row per engine).
+Writes experiments/results/molmo2_builtin_vs_ours_cpu.json/.csv (one row per engine; NAME
+with --name), NAME_gemm.json/.csv with --gemm.
 """
 
 from __future__ import annotations
@@ -240,6 +245,7 @@ def worker(engine: str, model_dir: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, **ENGINE_ARGS)
     result["engine_start_s"] = round(time.perf_counter() - t0, 2)
+    result["torch_threads_in_engine"] = llm.apply_model(lambda _: torch.get_num_threads())[0]
     try:
         result["linear_layers"] = llm.apply_model(linear_layers)[0]
     except Exception as e:  # noqa: BLE001 - a count, not the measurement
@@ -332,6 +338,38 @@ class Engine:
             self.proc.kill()
 
 
+# ---------------------------------------------------------------- why the speeds differ
+
+
+def gemm_check(repeats: int) -> list[dict[str, object]]:
+    """One SigLIP 2 MLP projection over 7 crops' patches ([7 * 729, 1152] x [1152, 4304],
+    float32) through torch's `F.linear` (our vision side's plain `nn.Linear`) and
+    through vLLM's CPU GEMM (`onednn_mm`, what the built-in's vLLM linear layers dispatch to),
+    at 1 torch thread (vLLM sets it for serving) and 2. Median ms of `repeats` calls."""
+    import torch
+    import torch.nn.functional as F
+    from vllm import _custom_ops as ops
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g) for shape in ((7 * 729, 1152), (4304, 1152), (4304,)))
+    handle = ops.create_onednn_mm(w.t(), 32)
+    rows = []
+    saved = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name, fn in (("torch F.linear", lambda: F.linear(x, w, b)),
+                         ("vLLM onednn_mm", lambda: ops.onednn_mm(handle, x, b))):  # fmt: skip
+            fn()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            rows.append({"gemm": name, "torch_threads": threads, "median_ms": round(1000 * statistics.median(times), 1)})
+    torch.set_num_threads(saved)
+    return rows
+
+
 # ---------------------------------------------------------------- both, and the result files
 
 
@@ -343,7 +381,17 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--name", default="molmo2_builtin_vs_ours_cpu")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--gemm", action="store_true", help="only the GEMM check (gemm_check), "
+                    "written as NAME_gemm")  # fmt: skip
     a = ap.parse_args()
+    if a.gemm:
+        from benchmarks.report import EXPERIMENT_RESULTS, write_results
+
+        rows = gemm_check(max(a.repeats, 5))
+        print("\n".join(json.dumps(r) for r in rows))
+        write_results(f"{a.name}_gemm", rows, meta={"baseline": "torch F.linear", "shape": [7 * 729, 1152, 4304]},
+                      out_dir=EXPERIMENT_RESULTS)  # fmt: skip
+        return
     if a.worker:
         worker(a.worker, a.model)
         return
