@@ -34,9 +34,10 @@ No torchvision is needed: the built-in's own processor (which would be) is never
     python experiments/molmo2_builtin_vs_ours.py [--model DIR] [--repeats 4]
     OMP_NUM_THREADS=2 python experiments/molmo2_builtin_vs_ours.py --name molmo2_builtin_vs_ours_cpu_omp2
     python experiments/molmo2_builtin_vs_ours.py --gemm     # why the speeds differ (gemm_check)
+    python experiments/molmo2_builtin_vs_ours.py --vision   # the towers alone (vision_check)
 
 Writes experiments/results/molmo2_builtin_vs_ours_cpu.json/.csv (one row per engine; NAME
-with --name), NAME_gemm.json/.csv with --gemm.
+with --name), NAME_gemm.json/.csv with --gemm, NAME_vision.json/.csv with --vision.
 """
 
 from __future__ import annotations
@@ -370,6 +371,70 @@ def gemm_check(repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+def vision_worker(engine: str, model_dir: str, out_path: str, repeats: int) -> None:
+    """--vision: one engine's vision tower (`vision_backbone.forward`) timed inside vLLM on the
+    single-image request, and its output features saved for the other engine's comparison."""
+    import molmo2_release
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from molmo_model.tokenizer import Molmo2Tokenizer
+    from molmo_vllm.prompt import build_prompt
+
+    if engine == "builtin":
+        register_builtin()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the image's resize, as the goldens were made
+    tok = Molmo2Tokenizer.from_dir(model_dir)
+    prompt = build_prompt(tok, molmo2_release.PROMPT, [molmo2_release.image("single_640x480")])
+    torch.set_num_threads(saved)
+    llm = LLM(model=model_dir, **ENGINE_ARGS)
+
+    def timed(model):  # both classes name their tower vision_backbone
+        tower = getattr(model, "vision_backbone", None) or model.model.vision_backbone
+        forward, model._vision_calls = tower.forward, []
+
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            out = forward(*args, **kwargs)
+            model._vision_calls.append((time.perf_counter() - t, out.detach().float().cpu()))
+            return out
+
+        tower.forward = run
+        return True
+
+    llm.apply_model(timed)
+    for _ in range(repeats + 1):  # the first: warm-up
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    calls = llm.apply_model(lambda m: m._vision_calls)[0]
+    threads = llm.apply_model(lambda _: torch.get_num_threads())[0]
+    torch.save({"seconds": [s for s, _ in calls[1:]], "features": calls[-1][1], "threads": threads}, out_path)
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+
+
+def vision_check(model: Path, env: dict[str, str], repeats: int) -> tuple[list[dict[str, object]], float]:
+    import torch
+
+    rows, feats = [], {}
+    for engine in ENGINES:
+        with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
+            out = Path(f.name)
+        cmd = [sys.executable, __file__, "--vision-worker", engine, "--model", str(model),
+               "--repeats", str(repeats), "--vision-out", str(out)]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        got = torch.load(out)
+        out.unlink()
+        feats[engine] = got["features"]
+        rows.append({"engine": engine, "vision_calls": len(got["seconds"]),
+                     "vision_median_s": round(statistics.median(got["seconds"]), 3),
+                     "vision_all_s": [round(x, 3) for x in got["seconds"]],
+                     "features_shape": list(got["features"].shape),
+                     "torch_threads_in_engine": got["threads"]})  # fmt: skip
+    diff = float((feats["ours"] - feats["builtin"]).abs().max())
+    return rows, diff
+
+
 # ---------------------------------------------------------------- both, and the result files
 
 
@@ -380,7 +445,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4, help="timed requests per max_tokens and engine")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--name", default="molmo2_builtin_vs_ours_cpu")
+    ap.add_argument("--vision", action="store_true", help="only the vision towers inside vLLM "
+                    "(vision_check: seconds per call, features compared), written as NAME_vision")  # fmt: skip
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--vision-worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--vision-out", help=argparse.SUPPRESS)
     ap.add_argument("--gemm", action="store_true", help="only the GEMM check (gemm_check), "
                     "written as NAME_gemm")  # fmt: skip
     a = ap.parse_args()
@@ -395,6 +464,9 @@ def main() -> None:
     if a.worker:
         worker(a.worker, a.model)
         return
+    if a.vision_worker:
+        vision_worker(a.vision_worker, a.model, a.vision_out, a.repeats)
+        return
 
     from benchmarks.report import EXPERIMENT_RESULTS, describe_machine, write_results
 
@@ -407,6 +479,13 @@ def main() -> None:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if a.vision:
+        rows, diff = vision_check(model, env, a.repeats)
+        print("\n".join(json.dumps(r) for r in rows), f"\nfeatures max abs diff {diff:.3g}")
+        meta = {"baseline": "ours", "request": "single_image golden prompt, max_tokens 1, after a warm-up",
+                "features_max_abs_diff_ours_vs_builtin": diff, "engine_args": ENGINE_ARGS}  # fmt: skip
+        write_results(f"{a.name}_vision", rows, meta=meta, out_dir=EXPERIMENT_RESULTS, machine=machine)
+        return
     engines = []
     log_dir = Path(tempfile.mkdtemp(prefix="molmo2_builtin_vs_ours_"))
     try:
