@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -343,30 +344,39 @@ class Engine:
 
 
 def gemm_check(repeats: int) -> list[dict[str, object]]:
-    """One SigLIP 2 MLP projection over 7 crops' patches ([7 * 729, 1152] x [1152, 4304],
-    float32) through torch's `F.linear` (our vision side's plain `nn.Linear`) and
-    through vLLM's CPU GEMM (`onednn_mm`, what the built-in's vLLM linear layers dispatch to),
-    at 1 torch thread (vLLM sets it for serving) and 2. Median ms of `repeats` calls."""
+    """The SigLIP 2 tower's four projections over the single-image request's 5 crops
+    ([5 * 729, 1152] through qkv [1152 -> 3456], wo [1152 -> 1152], w1 [1152 -> 4304] and
+    w2 [4304 -> 1152], float32) through torch's `F.linear` (a plain `nn.Linear`) and through
+    vLLM's CPU GEMM (`onednn_mm`, what vLLM's linear layers dispatch to here), at 1 torch
+    thread and 2. Median ms of `repeats` calls, GFLOP/s, and the largest difference."""
     import torch
     import torch.nn.functional as F
     from vllm import _custom_ops as ops
 
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g) for shape in ((7 * 729, 1152), (4304, 1152), (4304,)))
-    handle = ops.create_onednn_mm(w.t(), 32)
     rows = []
     saved = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for name, fn in (("torch F.linear", lambda: F.linear(x, w, b)),
-                         ("vLLM onednn_mm", lambda: ops.onednn_mm(handle, x, b))):  # fmt: skip
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
+    m = 5 * 729
+    for proj, (k, n) in {"qkv": (1152, 3456), "wo": (1152, 1152), "w1": (1152, 4304), "w2": (4304, 1152)}.items():
+        x = torch.randn(m, k, generator=g)
+        w = torch.randn(n, k, generator=g) * k**-0.5
+        b = torch.randn(n, generator=g) * 0.02
+        handle = ops.create_onednn_mm(w.t(), 32)
+        diff = float((F.linear(x, w, b) - ops.onednn_mm(handle, x, b)).abs().max())
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, fn in (("torch F.linear", functools.partial(F.linear, x, w, b)),
+                             ("vLLM onednn_mm", functools.partial(ops.onednn_mm, handle, x, b))):  # fmt: skip
                 fn()
-                times.append(time.perf_counter() - t)
-            rows.append({"gemm": name, "torch_threads": threads, "median_ms": round(1000 * statistics.median(times), 1)})
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                med = statistics.median(times)
+                rows.append({"projection": proj, "shape": [m, k, n], "gemm": name, "torch_threads": threads,
+                             "median_ms": round(1000 * med, 1), "gflops": round(2 * m * k * n / med / 1e9),
+                             "max_abs_diff": diff})  # fmt: skip
     torch.set_num_threads(saved)
     return rows
 
@@ -458,7 +468,7 @@ def main() -> None:
 
         rows = gemm_check(max(a.repeats, 5))
         print("\n".join(json.dumps(r) for r in rows))
-        write_results(f"{a.name}_gemm", rows, meta={"baseline": "torch F.linear", "shape": [7 * 729, 1152, 4304]},
+        write_results(f"{a.name}_gemm", rows, meta={"baseline": "torch F.linear"},
                       out_dir=EXPERIMENT_RESULTS)  # fmt: skip
         return
     if a.worker:

@@ -101,6 +101,7 @@ from molmo_model.fast_preprocessing import normalize_uint8
 from molmo_model.quantize import QuantSpec, dtype_problems, g_idx_problems, quantized_shapes
 from molmo_model.vision import MolmoVisionBackbone, add_image_features
 from molmo_vllm.config import molmo_config_of
+from molmo_vllm.engine_gemm import use_engine_gemm
 from molmo_vllm.processor import (
     MolmoDummyInputsBuilder,
     MolmoMultiModalProcessor,
@@ -502,4 +503,6 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA, SupportsPP):
             raise ValueError(
                 "parameters not initialized from the checkpoint: " + ", ".join(not_loaded)
             )
+        if isinstance(getattr(self, "vision_backbone", None), MolmoVisionBackbone):
+            use_engine_gemm(self.vision_backbone)  # vLLM's CPU GEMM for the tower
         return loaded

@@ -116,6 +116,7 @@ from molmo_model.molmo2.vision import (
 )
 from molmo_model.vision import add_image_features
 from molmo_vllm.config import molmo2_config_of
+from molmo_vllm.engine_gemm import use_engine_gemm
 from molmo_vllm.molmo2_processor import (
     Molmo2DummyInputsBuilder,
     Molmo2MultiModalProcessor,
@@ -636,4 +637,6 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         not_loaded = sorted(set(params) - loaded)
         if not_loaded:
             raise ValueError("parameters not initialized from the checkpoint: " + ", ".join(not_loaded))
+        if isinstance(self.model.vision_backbone, Molmo2VisionBackbone):
+            use_engine_gemm(self.model.vision_backbone)  # vLLM's CPU GEMM for the tower
         return loaded

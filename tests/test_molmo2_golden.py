@@ -328,14 +328,21 @@ def test_vllm_matches_ai2(molmo2_release_path: Path):
     with vllm_engine(molmo2_release_path, max_model_len=2048, max_num_seqs=2,
                      limit_mm_per_prompt={"image": 2, "video": 1}, skip_mm_profiling=True) as llm:  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
+    worst = engine_matches_golden(outs, cases, GOLDEN)
+    print(f"vLLM: largest first-token log-prob difference to Ai2's code {worst:.2e}")
+
+
+def engine_matches_golden(outs, cases: list[str], golden: dict) -> float:
+    """vLLM's outputs for `cases` against Ai2's record: the same prompt ids and greedy tokens,
+    first-token top-5 log-probs within LOGPROB_ATOL. Returns the largest difference."""
     worst = 0.0
     for case, out in zip(cases, outs, strict=True):
-        golden = GOLDEN["cases"][case]
-        assert list(out.prompt_token_ids) == golden["prompt_ids"], case
+        want = golden["cases"][case]
+        assert list(out.prompt_token_ids) == want["prompt_ids"], case
         got = out.outputs[0]
-        assert list(got.token_ids) == golden["greedy_tokens"], case
+        assert list(got.token_ids) == want["greedy_tokens"], case
         first = {i: lp.logprob for i, lp in got.logprobs[0].items()}
-        diffs = [abs(first[i] - lp) for i, lp in golden["top5_first_logprobs"]]
+        diffs = [abs(first[i] - lp) for i, lp in want["top5_first_logprobs"]]
         assert max(diffs) < LOGPROB_ATOL, (case, diffs)
         worst = max(worst, *diffs)
-    print(f"vLLM: largest first-token log-prob difference to Ai2's code {worst:.2e}")
+    return worst

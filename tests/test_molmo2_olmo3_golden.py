@@ -32,7 +32,7 @@ import pytest
 import torch
 from helpers import vllm_engine
 from safetensors import safe_open
-from test_molmo2_golden import threads
+from test_molmo2_golden import engine_matches_golden, threads
 
 from molmo_model.checkpoint import load_checkpoint
 from molmo_model.generate import generate_from_embeds
@@ -181,14 +181,5 @@ def test_vllm_matches_ai2(molmo2_olmo3_release_path: Path):
     with vllm_engine(molmo2_olmo3_release_path, max_model_len=2048, max_num_seqs=2,
                      limit_mm_per_prompt={"image": 2, "video": 1}, skip_mm_profiling=True) as llm:  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
-    worst = 0.0
-    for case, out in zip(cases, outs, strict=True):
-        golden = GOLDEN["cases"][case]
-        assert list(out.prompt_token_ids) == golden["prompt_ids"], case
-        got = out.outputs[0]
-        assert list(got.token_ids) == golden["greedy_tokens"], case
-        first = {i: lp.logprob for i, lp in got.logprobs[0].items()}
-        diffs = [abs(first[i] - lp) for i, lp in golden["top5_first_logprobs"]]
-        assert max(diffs) < LOGPROB_ATOL, (case, diffs)
-        worst = max(worst, *diffs)
+    worst = engine_matches_golden(outs, cases, GOLDEN)
     print(f"vLLM: largest first-token log-prob difference to Ai2's code {worst:.2e}")
