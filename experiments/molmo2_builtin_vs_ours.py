@@ -17,8 +17,8 @@ Ai2's top 5, for one image, two images and the 4-frame video; (b) speed: seconds
 `vllm.LLM`, and the median latency of a single-image request (the 640x480 golden image, 5
 crops: preprocessing + vision + prefill) with max_tokens 1 and 16 after one warm-up request,
 the two engines' requests alternating; (c) which vLLM interfaces the class declares and how
-many of each side's linear layers are vLLM's (quantizable) ones. `--gemm` times one ViT-sized
-matrix product through torch and through vLLM's CPU GEMM.
+many of each side's linear layers are vLLM's (quantizable) ones. `--gemm` times the SigLIP 2
+tower's four projections through torch and through vLLM's CPU GEMM.
 
 How the built-in is run (experiment-only; nothing of it is in the product):
 * model: a subclass of the built-in class registered for the architecture in place of ours.
@@ -33,7 +33,8 @@ No torchvision is needed: the built-in's own processor (which would be) is never
 
     python experiments/molmo2_builtin_vs_ours.py [--model DIR] [--repeats 4]
     OMP_NUM_THREADS=2 python experiments/molmo2_builtin_vs_ours.py --name molmo2_builtin_vs_ours_cpu_omp2
-    python experiments/molmo2_builtin_vs_ours.py --gemm     # why the speeds differ (gemm_check)
+    python experiments/molmo2_builtin_vs_ours.py --gemm     # why the speeds differed (gemm_check)
+    python experiments/molmo2_builtin_vs_ours.py --name molmo2_builtin_vs_ours_cpu_enginegemm  # after
     python experiments/molmo2_builtin_vs_ours.py --vision   # the towers alone (vision_check)
 
 Writes experiments/results/molmo2_builtin_vs_ours_cpu.json/.csv (one row per engine; NAME
