@@ -12,8 +12,10 @@ tower's shapes (3645 rows: 5 crops of 729 patches) oneDNN runs 300-370 GFLOP/s w
 `use_engine_gemm(module)` hands every plain `nn.Linear` under `module` to that same dispatch
 after the weights are loaded, so the modules stay molmo_model's own and only their GEMM
 changes. The dispatch packs a copy of the weight; the original is then dropped
-(`remove_weight`), as vLLM does for its own layers, so memory does not grow. Outputs move by
-float32 rounding only (a different summation order). Off the CPU platform nothing changes.
+(`remove_weight`), as vLLM does for its own layers, so memory does not grow; a model that
+loads weights again first calls `use_plain_gemm`, which gives the layers back empty weights of
+their shapes to load into. Outputs move by float32 rounding only (a different summation
+order). Off the CPU platform nothing changes.
 """
 
 from __future__ import annotations
@@ -46,7 +48,23 @@ def use_engine_gemm(module: nn.Module) -> int:
         w = layer.weight
         if w.ndim != 2 or w.dtype not in _FLOATS or w.is_meta or w.numel() == 0:
             continue
+        layer.plain_weight_shape = tuple(w.shape)
         dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
         layer.forward = types.MethodType(_engine_linear, layer)
+        n += 1
+    return n
+
+
+def use_plain_gemm(module: nn.Module) -> int:
+    """Undoes `use_engine_gemm` (before weights are loaded again): each such layer gets an
+    empty weight of its shape and torch's `F.linear` back. Returns how many."""
+    n = 0
+    for layer in module.modules():
+        shape = getattr(layer, "plain_weight_shape", None)
+        if shape is None:
+            continue
+        dtype, device = layer.weight.dtype, layer.weight.device
+        layer.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        del layer.cpu_linear, layer.forward, layer.plain_weight_shape
         n += 1
     return n

@@ -101,7 +101,7 @@ from molmo_model.fast_preprocessing import normalize_uint8
 from molmo_model.quantize import QuantSpec, dtype_problems, g_idx_problems, quantized_shapes
 from molmo_model.vision import MolmoVisionBackbone, add_image_features
 from molmo_vllm.config import molmo_config_of
-from molmo_vllm.engine_gemm import use_engine_gemm
+from molmo_vllm.engine_gemm import use_engine_gemm, use_plain_gemm
 from molmo_vllm.processor import (
     MolmoDummyInputsBuilder,
     MolmoMultiModalProcessor,
@@ -452,6 +452,8 @@ class MolmoForCausalLM(nn.Module, SupportsMultiModal, SupportsLoRA, SupportsPP):
         mis-shaped tensor."""
         from molmo_model.checkpoint import check_state_dict
 
+        if isinstance(getattr(self, "vision_backbone", None), nn.Module):
+            use_plain_gemm(self.vision_backbone)  # loaded before: weights to load into again
         quant = checkpoint_quant_spec(self.config)
         expected = expected_checkpoint_shapes(self.molmo_config)
         kinds: dict[str, str] = {}  # int4 tensors: "int32" or "float"

@@ -116,7 +116,7 @@ from molmo_model.molmo2.vision import (
 )
 from molmo_model.vision import add_image_features
 from molmo_vllm.config import molmo2_config_of
-from molmo_vllm.engine_gemm import use_engine_gemm
+from molmo_vllm.engine_gemm import use_engine_gemm, use_plain_gemm
 from molmo_vllm.molmo2_processor import (
     Molmo2DummyInputsBuilder,
     Molmo2MultiModalProcessor,
@@ -605,6 +605,8 @@ class Molmo2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA
         tensor."""
         from molmo_model.checkpoint import check_state_dict
 
+        if isinstance(getattr(self.model, "vision_backbone", None), nn.Module):
+            use_plain_gemm(self.model.vision_backbone)  # loaded before: weights to load into again
         expected = expected_checkpoint_shapes(self.molmo2_config)
         params = dict(self.named_parameters())
         found: dict[str, torch.Size] = {}

@@ -156,7 +156,7 @@ def test_vision_tower_uses_vllms_cpu_gemm(checkpoint, engine_outputs):
     weights, originals dropped), and the tower's output stays the reference's to float32
     rounding."""
     from molmo_model.molmo2.vision import Molmo2VisionBackbone
-    from molmo_vllm.engine_gemm import use_engine_gemm
+    from molmo_vllm.engine_gemm import use_engine_gemm, use_plain_gemm
 
     model, _, _ = load_checkpoint(checkpoint)
     tower = model.model.vision_backbone.eval()
@@ -174,6 +174,11 @@ def test_vision_tower_uses_vllms_cpu_gemm(checkpoint, engine_outputs):
     assert tower.image_vit.transformer.resblocks[0].attention.wq.weight.numel() == 0
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) < 1e-4 * scale
+    # Loading again (vLLM's load_weights) first gives every layer an empty weight of its shape.
+    assert use_plain_gemm(tower) == linears and use_plain_gemm(tower) == 0
+    wq = tower.image_vit.transformer.resblocks[0].attention.wq
+    assert wq.weight.shape[0] == wq.bias.shape[0] and wq.weight.numel() > 0
+    assert not hasattr(wq, "cpu_linear") and wq(torch.zeros(1, wq.weight.shape[1])).shape == (1, wq.bias.shape[0])
 
 
 def test_image_prefill_plan_and_mask():

@@ -75,8 +75,13 @@ def test_fused_tensors_land_where_they_must(built):
     assert torch.equal(ours[x_half.shape[0] :], gate_half)
     att = weights["model.transformer.blocks.0.att_proj.bias"]
     assert torch.equal(model.transformer.blocks[0].att_proj.bias, att)
+    # The vision side's linear layers then run on vLLM's CPU GEMM (weights packed, originals
+    # dropped: molmo_vllm/engine_gemm.py), so the tensor is checked through the layer.
     pooling = weights["model.vision_backbone.image_pooling_2d.wq.weight"]
-    assert torch.equal(model.vision_backbone.image_pooling_2d.wq.weight, pooling)
+    wq = model.vision_backbone.image_pooling_2d.wq
+    x = torch.randn(3, pooling.shape[1], generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(x, pooling, weights["model.vision_backbone.image_pooling_2d.wq.bias"])
+    assert torch.allclose(wq(x), want, atol=1e-5)
 
 
 def test_renamed_tensor_is_named(built):
